@@ -1,0 +1,92 @@
+"""Test-time post-processing shared by the PyTorch Predictor and the runtime (numpy only, never torch).
+
+The model (and the exported engine) returns fixed-size, padded detections in resized-image pixels:
+``num_detections [B]``, ``boxes [B, K, 4]``, ``scores [B, K]``, ``classes [B, K]``. ``unpad`` keeps the valid
+rows of one image and ``detector_postprocess`` maps them to the original image as detectron2's
+``detector_postprocess`` does: scale, clip to the output image, drop empty boxes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+Detections = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def unpad(num: int, boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray) -> Detections:
+    """Valid rows of one image's padded outputs.
+
+    Args:
+        num: number of valid detections (``num_detections[i]``).
+        boxes: ``[K, 4]``; scores: ``[K]``; classes: ``[K]`` (rows ``>= num`` are padding).
+    Returns:
+        boxes float32 ``[num, 4]``, scores float32 ``[num]``, classes int64 ``[num]``.
+    """
+    n = int(num)
+    if not 0 <= n <= boxes.shape[0]:
+        raise ValueError(f"num_detections {n} is outside [0, {boxes.shape[0]}]")
+    return (
+        np.asarray(boxes[:n], dtype=np.float32),
+        np.asarray(scores[:n], dtype=np.float32),
+        np.asarray(classes[:n], dtype=np.int64),
+    )
+
+
+def detector_postprocess(
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    classes: np.ndarray,
+    resized_hw: Sequence[int],
+    original_hw: Sequence[int],
+) -> Detections:
+    """Scale detections from the resized image to the original one, clip, drop empty boxes.
+
+    detectron2 ``detector_postprocess`` semantics: ``scale_x = out_w / resized_w``, ``scale_y = out_h /
+    resized_h`` (float64 division, applied in float32 like ``Boxes.scale`` on a float32 tensor), then
+    ``Boxes.clip((out_h, out_w))`` (x to ``[0, out_w]``, y to ``[0, out_h]``) and ``Boxes.nonempty()``
+    (width > 0 and height > 0; NaN boxes are dropped).
+
+    Args:
+        boxes: ``[N, 4]`` x1, y1, x2, y2 in resized-image pixels; scores: ``[N]``; classes: ``[N]``.
+        resized_hw: ``(h, w)`` of the image the model saw (``image_sizes[i]``).
+        original_hw: ``(h, w)`` of the user's image.
+    Returns:
+        boxes float32 ``[M, 4]`` in original-image pixels, scores float32 ``[M]``, classes int64 ``[M]``.
+    """
+    out_h, out_w = int(original_hw[0]), int(original_hw[1])
+    res_h, res_w = int(resized_hw[0]), int(resized_hw[1])
+    scale_x = np.float32(out_w / res_w)
+    scale_y = np.float32(out_h / res_h)
+    b = np.array(boxes, dtype=np.float32).reshape(-1, 4)
+    b[:, 0::2] *= scale_x
+    b[:, 1::2] *= scale_y
+    b[:, 0::2] = np.clip(b[:, 0::2], np.float32(0), np.float32(out_w))
+    b[:, 1::2] = np.clip(b[:, 1::2], np.float32(0), np.float32(out_h))
+    keep = ((b[:, 2] - b[:, 0]) > 0) & ((b[:, 3] - b[:, 1]) > 0)
+    return (
+        b[keep],
+        np.asarray(scores, dtype=np.float32).reshape(-1)[keep],
+        np.asarray(classes).astype(np.int64).reshape(-1)[keep],
+    )
+
+
+def postprocess_batch(
+    outputs: Mapping[str, np.ndarray], image_sizes: np.ndarray, original_sizes: np.ndarray
+) -> list[Detections]:
+    """``unpad`` + ``detector_postprocess`` for every image of a batch.
+
+    Args:
+        outputs: ``num_detections [B]``, ``boxes [B, K, 4]``, ``scores [B, K]``, ``classes [B, K]``.
+        image_sizes: int ``[B, 2]`` resized (h, w); original_sizes: int ``[B, 2]`` original (h, w).
+    Returns:
+        B tuples (boxes float32 ``[M_i, 4]``, scores float32 ``[M_i]``, classes int64 ``[M_i]``).
+    """
+    results = []
+    for i in range(len(image_sizes)):
+        dets = unpad(
+            outputs["num_detections"][i], outputs["boxes"][i], outputs["scores"][i], outputs["classes"][i]
+        )
+        results.append(detector_postprocess(*dets, image_sizes[i], original_sizes[i]))
+    return results
