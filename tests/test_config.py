@@ -400,7 +400,7 @@ UNSUPPORTED = [
     ("MODEL.RPN.HEAD_NAME", "Custom"), ("MODEL.ROI_HEADS.NAME", "CascadeROIHeads"),
     ("MODEL.ROI_BOX_HEAD.NAME", "Other"), ("MODEL.ROI_BOX_HEAD.NUM_CONV", 4),
     ("MODEL.ROI_BOX_HEAD.POOLER_TYPE", "ROIAlign"), ("MODEL.BACKBONE.NAME", "build_resnet_backbone"),
-    ("MODEL.RESNETS.NORM", "BN"), ("MODEL.RESNETS.NORM", "GN"), ("MODEL.RESNETS.NORM", ""),
+    ("MODEL.RESNETS.NORM", "SyncBN"), ("MODEL.RESNETS.NORM", ""),
     ("MODEL.RESNETS.DEFORM_ON_PER_STAGE", [False, True, True, True]), ("MODEL.RESNETS.RES5_DILATION", 2),
     ("MODEL.RESNETS.NUM_GROUPS", 32), ("MODEL.RESNETS.DEPTH", 200), ("MODEL.FPN.NORM", "GN"),
     ("MODEL.FPN.FUSE_TYPE", "avg"), ("MODEL.ANCHOR_GENERATOR.NAME", "RotatedAnchorGenerator"),
@@ -430,10 +430,10 @@ def test_check_supported_lists_every_problem_and_allows_offset():
     cfg.merge_from_file(model_zoo_config("COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml"))
     cfg.merge_from_list(["MODEL.ANCHOR_GENERATOR.OFFSET", "0.5", "MODEL.RETINANET.NUM_CONVS", "2"])
     check_supported(cfg)  # used / ignored-with-reason settings pass
-    cfg.merge_from_list(["MODEL.MASK_ON", "True", "MODEL.RESNETS.NORM", "GN"])
+    cfg.merge_from_list(["MODEL.MASK_ON", "True", "MODEL.RESNETS.NORM", "SyncBN"])
     with pytest.raises(ConfigError) as info:
         check_supported(cfg)
-    assert "MODEL.MASK_ON = True" in str(info.value) and "MODEL.RESNETS.NORM = 'GN'" in str(info.value)
+    assert "MODEL.MASK_ON = True" in str(info.value) and "MODEL.RESNETS.NORM = 'SyncBN'" in str(info.value)
 
 
 def test_default_config_is_rejected_and_training_checks_are_opt_in():

@@ -95,8 +95,9 @@ def _check_backbone(cfg: CfgNode, problems: list[str]) -> None:
     m, r = cfg.MODEL, cfg.MODEL.RESNETS
     _expect(problems, "MODEL.BACKBONE.NAME", m.BACKBONE.NAME, ("build_resnet_fpn_backbone",))
     _expect(problems, "MODEL.RESNETS.DEPTH", r.DEPTH, RESNET_DEPTHS)
-    _expect(problems, "MODEL.RESNETS.NORM", r.NORM, ("FrozenBN",),
-            "the backbone uses frozen BatchNorm (as detectron2's R-50/R-101 FPN model zoo)")
+    _expect(problems, "MODEL.RESNETS.NORM", r.NORM, ("FrozenBN", "BN", "GN"),
+            "FrozenBN (detectron2's model zoo), BN (trainable, for training from scratch) and GN are built; "
+            "at inference BN is the same per-channel affine as FrozenBN")
     if any(r.DEFORM_ON_PER_STAGE):
         problems.append(f"MODEL.RESNETS.DEFORM_ON_PER_STAGE = {r.DEFORM_ON_PER_STAGE!r}: deformable "
                         f"convolutions are not implemented; use [False, False, False, False]")
