@@ -145,7 +145,9 @@ def small_model():
     """frcnn-small-R18 with random weights and calibrated FrozenBN; heads re-initialised wider so that
     scores and proposals spread out."""
     torch.manual_seed(0)
-    model = build_model(_cfg("frcnn-small-R18.yaml")).eval()
+    cfg = _cfg("frcnn-small-R18.yaml")
+    cfg.merge_from_list(["MODEL.RESNETS.NORM", "FrozenBN"])  # calibrated below, like a pretrained model
+    model = build_model(cfg).eval()
     _calibrate_frozen_bn(model, *_images([(224, 288)], (224, 288), 99))
     with torch.no_grad():
         model.proposal_generator.rpn_head.objectness_logits.weight.normal_(std=0.3)
