@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from frcnn.trainer.config import get_cfg, model_zoo_config
 from frcnn.trainer.modeling import build_model
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from frcnn.runtime.errors import UserError
 
 # name -> (module providing add_parser, one-line help). Ordered as a user meets them.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("frcnn.runtime.demo_cli", "the main job end to end: synthetic data -> train -> export -> infer -> parity"),
     "data": ("frcnn.trainer.data.cli", "make or inspect datasets (e.g. `frcnn data synth OUT`)"),
     "train": ("frcnn.trainer.train_cli", "train a detector from a config"),
     "export": ("frcnn.export.cli", "checkpoint -> ONNX (-> TensorRT engine); same as `export-engine`"),

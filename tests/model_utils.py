@@ -9,7 +9,6 @@ spread out and detections above the 0.05 threshold exist.
 from __future__ import annotations
 
 import torch
-
 from frcnn.trainer.config import get_cfg, model_zoo_config
 from frcnn.trainer.modeling import build_model
 from frcnn.trainer.modeling.layers import FrozenBatchNorm2d

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 TOP = {"trainer": "frcnn.trainer", "export": "frcnn.export", "runtime": "frcnn.runtime", "plugins": "frcnn.plugins"}

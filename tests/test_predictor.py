@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from frcnn.runtime.errors import UserError
 from frcnn.trainer import Predictor
 from frcnn.trainer.checkpoint import save_checkpoint

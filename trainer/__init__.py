@@ -19,7 +19,7 @@ _EXPORTS = {
     "save_checkpoint": "frcnn.trainer.checkpoint",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = ["CfgNode", "Predictor", "build_model", "get_cfg", "load_checkpoint_state", "model_zoo_config", "save_checkpoint"]
 
 
 def __getattr__(name: str) -> Any:

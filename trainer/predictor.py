@@ -6,12 +6,11 @@ the PyTorch path and the deployed ONNX / TensorRT path resize, pad and rescale w
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from os import PathLike
-from typing import Sequence
 
 import numpy as np
 import torch
-
 from frcnn.runtime.postprocess import detector_postprocess
 from frcnn.runtime.preprocess import batch_images, resize_image, resize_shortest_edge_size, validate_image
 

@@ -25,4 +25,4 @@ DEFAULTS: dict[str, int | float] = {
     "max_level": 5,
 }
 
-__all__ = ["OP_NAME", "TORCH_OP", "DEFAULTS"]
+__all__ = ["DEFAULTS", "OP_NAME", "TORCH_OP"]

@@ -1,0 +1,86 @@
+"""``frcnn demo [--output DIR] [--iters N]``: the main job end to end on an embedded default.
+
+synthetic dataset -> train the small R-18 FPN briefly -> COCO eval (PyTorch) -> export ONNX (and a TensorRT
+engine where TensorRT is present) -> infer with the torch-free runtime -> parity PyTorch vs ONNX Runtime ->
+COCO eval of the deployed model. Every step is the very `frcnn` / `export-engine` command a user would type;
+each is printed before it runs, and the demo stops at the first failing step with that step's exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+__all__ = ["add_parser", "demo_steps", "run_demo"]
+
+
+def demo_steps(out: Path, iters: int, images: int) -> list[tuple[str, str, list[str]]]:
+    """(title, program, argv) of every step; program is "frcnn" or "export-engine"."""
+    data, train, onnx = out / "data", out / "train", out / "model.onnx"
+    weights = train / "model_final.pth"
+    return [
+        ("synthesize a dataset", "frcnn",
+         ["data", "synth", str(data), "--images", str(images), "--size", "320", "--classes", "3", "--seed", "0",
+          "--overwrite"]),
+        ("train the small R-18 FPN", "frcnn",
+         ["train", "--config", "frcnn-small-R18.yaml", "--data", str(data), "--output", str(train),
+          "SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", f"({int(iters * 0.75)},)",
+          "SOLVER.WARMUP_ITERS", str(min(100, iters // 4)), "SOLVER.CHECKPOINT_PERIOD", str(iters),
+          "TEST.EVAL_PERIOD", "0"]),
+        ("evaluate the PyTorch model", "frcnn",
+         ["eval", "--config", str(train / "config.yaml"), "--weights", str(weights), "--data", str(data),
+          "--output", str(out / "eval-pytorch")]),
+        ("export to ONNX (and TensorRT when present)", "export-engine",
+         [str(weights), "--output", str(onnx)]),
+        ("detect with the torch-free runtime", "frcnn",
+         ["infer", str(onnx), str(data / "val"), "--output", str(out / "infer")]),
+        ("parity: PyTorch vs ONNX Runtime", "frcnn",
+         ["parity", str(weights), str(onnx), "--images", str(data / "val")]),
+        ("evaluate the deployed model", "frcnn",
+         ["eval", str(onnx), "--data", str(data), "--output", str(out / "eval-onnx")]),
+    ]
+
+
+def _entry(program: str) -> Callable[[Sequence[str]], int]:
+    if program == "export-engine":
+        from frcnn.export.cli import main as export_main
+
+        return export_main
+    from frcnn.runtime.cli import main as frcnn_main
+
+    return frcnn_main
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    out = Path(args.output).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    steps = demo_steps(out, args.iters, args.images)
+    timings = []
+    for i, (title, program, argv) in enumerate(steps, 1):
+        print(f"\n=== [{i}/{len(steps)}] {title}\n$ {program} {shlex.join(argv)}", flush=True)
+        t0 = time.perf_counter()
+        code = int(_entry(program)(argv) or 0)
+        timings.append((title, time.perf_counter() - t0, code))
+        if code != 0:
+            print(f"\nfrcnn demo: step {i} ({title}) failed with exit code {code}; later steps not run.",
+                  file=sys.stderr)
+            return code
+    print("\n=== demo summary")
+    for title, seconds, _code in timings:
+        print(f"  {title:45s} {seconds:8.1f} s")
+    print(f"everything is under {out}")
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("demo", help="synthetic data -> train -> eval -> export -> infer -> parity",
+                                   description=__doc__.splitlines()[0])
+    parser.add_argument("--output", default="demo-output", help="folder for everything (default demo-output)")
+    parser.add_argument("--iters", type=int, default=600, help="training iterations (default 600)")
+    parser.add_argument("--images", type=int, default=200, help="synthetic images, train + val (default 200)")
+    parser.set_defaults(func=run_demo)
+    return parser
