@@ -19,13 +19,13 @@ import datetime
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from frcnn.runtime.errors import UserError
+from frcnn.runtime.fileio import atomic_write
 
 SIDECAR_FORMAT = "frcnn-engine/1"
 DEFAULT_WORKSPACE = 4 << 30
@@ -286,16 +286,7 @@ def _sha256_file(path: Path) -> str:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, data)
 
 
 __all__ = [

@@ -12,11 +12,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from frcnn.runtime.errors import UserError
+from frcnn.runtime.fileio import atomic_write
 
 __all__ = ["add_parser", "build"]
 
@@ -70,15 +69,7 @@ def build(archs: list[int], output: Path, cache_dir: Path | None = None, ptx_ver
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, data)
 
 
 def _print_table(manifest: dict) -> None:

@@ -24,11 +24,11 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from frcnn.runtime.errors import UserError
+from frcnn.runtime.fileio import atomic_write
 
 __all__ = [
     "DEFAULT_PTX_VERSION",
@@ -148,16 +148,7 @@ def cache_key(spec: KernelSpec, arch: int, ptx_version: int = DEFAULT_PTX_VERSIO
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, text)
 
 
 def _triton_compile(spec: KernelSpec, arch: int, ptx_version: int) -> tuple[str, str, int]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -33,6 +32,7 @@ from typing import Any
 
 import numpy as np
 from frcnn.runtime.errors import UserError
+from frcnn.runtime.fileio import atomic_write_json
 from frcnn.trainer.data.coco import DatasetMeta, read_coco_json
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -186,8 +186,4 @@ class COCOEvaluator:
 
 def write_json_atomic(path: str, obj: Any) -> None:
     """Write JSON to ``path`` through a temporary file + rename (never a partial file)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
+    atomic_write_json(path, obj)

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 from frcnn.runtime.errors import UserError
+from frcnn.runtime.fileio import atomic_write
 from PIL import Image, ImageDraw
 
 __all__ = ["SHAPE_NAMES", "render_image", "synthesize_dataset"]
@@ -165,10 +166,7 @@ def render_image(
 
 
 def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    atomic_write(path, data)
 
 
 def _check_args(num_images: int, size: int, num_classes: int, val_fraction: float) -> None:
