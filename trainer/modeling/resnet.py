@@ -63,6 +63,14 @@ class BasicStem(CNNBlockBase):
         return F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
 
 
+def conv_norm(in_channels: int, out_channels: int, kernel_size: int, norm: str, **kwargs: int) -> Conv2d:
+    """Bias-free conv + norm with detectron2's MSRA init: the one conv layer of every ResNet block."""
+    layer = Conv2d(in_channels, out_channels, kernel_size=kernel_size, bias=False,
+                   norm=get_norm(norm, out_channels), **kwargs)  # fmt: skip
+    c2_msra_fill(layer)
+    return layer
+
+
 class BasicBlock(CNNBlockBase):
     """Two 3x3 convs with a residual connection (ResNet-18/34); `shortcut` is a 1x1 conv + norm when the
     channel count changes. Input Tensor[B, C_in, H, W] -> Tensor[B, C_out, H/stride, W/stride]."""
@@ -73,35 +81,9 @@ class BasicBlock(CNNBlockBase):
         super().__init__(in_channels, out_channels, stride)
         self.shortcut: Conv2d | None = None
         if in_channels != out_channels:
-            self.shortcut = Conv2d(
-                in_channels,
-                out_channels,
-                kernel_size=1,
-                stride=stride,
-                bias=False,
-                norm=get_norm(norm, out_channels),
-            )
-        self.conv1 = Conv2d(
-            in_channels,
-            out_channels,
-            kernel_size=3,
-            stride=stride,
-            padding=1,
-            bias=False,
-            norm=get_norm(norm, out_channels),
-        )
-        self.conv2 = Conv2d(
-            out_channels,
-            out_channels,
-            kernel_size=3,
-            stride=1,
-            padding=1,
-            bias=False,
-            norm=get_norm(norm, out_channels),
-        )
-        for layer in (self.shortcut, self.conv1, self.conv2):
-            if layer is not None:
-                c2_msra_fill(layer)
+            self.shortcut = conv_norm(in_channels, out_channels, 1, norm, stride=stride)
+        self.conv1 = conv_norm(in_channels, out_channels, 3, norm, stride=stride, padding=1)
+        self.conv2 = conv_norm(out_channels, out_channels, 3, norm, stride=1, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu_(self.conv1(x))
@@ -134,44 +116,12 @@ class BottleneckBlock(CNNBlockBase):
         super().__init__(in_channels, out_channels, stride)
         self.shortcut: Conv2d | None = None
         if in_channels != out_channels:
-            self.shortcut = Conv2d(
-                in_channels,
-                out_channels,
-                kernel_size=1,
-                stride=stride,
-                bias=False,
-                norm=get_norm(norm, out_channels),
-            )
+            self.shortcut = conv_norm(in_channels, out_channels, 1, norm, stride=stride)
         stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
-        self.conv1 = Conv2d(
-            in_channels,
-            bottleneck_channels,
-            kernel_size=1,
-            stride=stride_1x1,
-            bias=False,
-            norm=get_norm(norm, bottleneck_channels),
-        )
-        self.conv2 = Conv2d(
-            bottleneck_channels,
-            bottleneck_channels,
-            kernel_size=3,
-            stride=stride_3x3,
-            padding=dilation,
-            dilation=dilation,
-            groups=num_groups,
-            bias=False,
-            norm=get_norm(norm, bottleneck_channels),
-        )
-        self.conv3 = Conv2d(
-            bottleneck_channels,
-            out_channels,
-            kernel_size=1,
-            bias=False,
-            norm=get_norm(norm, out_channels),
-        )
-        for layer in (self.conv1, self.conv2, self.conv3, self.shortcut):
-            if layer is not None:
-                c2_msra_fill(layer)
+        self.conv1 = conv_norm(in_channels, bottleneck_channels, 1, norm, stride=stride_1x1)
+        self.conv2 = conv_norm(bottleneck_channels, bottleneck_channels, 3, norm, stride=stride_3x3,
+                               padding=dilation, dilation=dilation, groups=num_groups)  # fmt: skip
+        self.conv3 = conv_norm(bottleneck_channels, out_channels, 1, norm)
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu_(self.conv1(x))
