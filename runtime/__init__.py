@@ -2,3 +2,16 @@
 
 This package never imports torch. Heavy backends are imported lazily, on first use.
 """
+
+from typing import Any
+
+__all__ = ["Detections", "Detector"]
+
+
+def __getattr__(name: str) -> Any:
+    """``from frcnn.runtime import Detector`` without importing onnxruntime until it is used."""
+    if name in __all__:
+        from frcnn.runtime import detector
+
+        return getattr(detector, name)
+    raise AttributeError(f"module 'frcnn.runtime' has no attribute {name!r}")

@@ -14,11 +14,18 @@ from pathlib import Path
 from typing import IO, Any
 
 
+def _default_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_writer(path: str | os.PathLike[str], mode: str = "wb", fsync: bool = False) -> Iterator[IO[Any]]:
     """Open a temporary file beside ``path``; on success it replaces ``path``, on error it is removed.
 
-    The folder is created if missing. ``mode`` is "wb" or "w" (text is written as UTF-8).
+    The folder is created if missing. ``mode`` is "wb" or "w" (text is written as UTF-8). The file gets the
+    permissions a plain ``open`` would give it (0666 less the umask), not mkstemp's 0600.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -29,6 +36,7 @@ def atomic_writer(path: str | os.PathLike[str], mode: str = "wb", fsync: bool = 
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
+        os.chmod(tmp, _default_mode())
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -26,12 +26,12 @@ import logging
 import os
 import pickle
 import re
-import tempfile
 from typing import Any
 
 import numpy as np
 import torch
 from frcnn.runtime.errors import CheckpointError
+from frcnn.runtime.fileio import atomic_writer
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -397,23 +397,14 @@ def save_checkpoint(
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else dict(model_or_state)
     folder = os.path.dirname(os.path.abspath(path))
     try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    except OSError as err:
-        raise CheckpointError(
-            f"Cannot write checkpoint '{path}': {err.strerror or err} ({folder})."
-        ) from None
-    try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_writer(path, "wb", fsync=True) as f:
             if path.endswith(".pkl"):
                 arrays = {k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
                           for k, v in state.items()}  # fmt: skip
                 pickle.dump({"model": arrays, "__author__": "frcnn-deploy", **extra}, f, protocol=4)
             else:
                 torch.save({"model": state, **extra}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    except OSError as err:
+        raise CheckpointError(
+            f"Cannot write checkpoint '{path}': {err.strerror or err} ({folder})."
+        ) from None

@@ -1,0 +1,58 @@
+"""Inference backends of the runtime: one small polygraphy-style interface, one module per engine kind.
+
+    from frcnn.runtime.backends import create_backend
+    with create_backend("model.onnx") as backend:          # activate() ... deactivate()
+        outputs = backend.infer({"images": ..., "image_sizes": ...})
+
+``create_backend`` picks TensorRT for ``.engine`` / ``.plan`` and ONNX Runtime for ``.onnx`` (``"auto"``).
+Importing this package imports neither onnxruntime nor tensorrt (nor torch, ever).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from frcnn.runtime.backends.base import Backend
+from frcnn.runtime.errors import UserError
+
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
+ENGINE_SUFFIXES = (".engine", ".plan")
+ONNX_SUFFIXES = (".onnx",)
+
+
+def resolve_backend(path: str | os.PathLike[str], backend: str = "auto") -> str:
+    """``"onnxruntime"`` or ``"tensorrt"`` for ``path`` (by suffix when ``backend == "auto"``)."""
+    if backend not in BACKENDS:
+        raise UserError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    suffix = os.path.splitext(os.fspath(path))[1].lower()
+    if backend == "auto":
+        if suffix in ENGINE_SUFFIXES:
+            return "tensorrt"
+        if suffix in ONNX_SUFFIXES:
+            return "onnxruntime"
+        raise UserError(f"cannot tell the backend of {os.fspath(path)!r} from its suffix: name an ONNX model "
+                        f"'*.onnx' or a TensorRT engine '*.engine' / '*.plan', or pass backend='onnxruntime' / "
+                        "'tensorrt'")
+    if backend == "onnxruntime" and suffix in ENGINE_SUFFIXES:
+        raise UserError(f"{os.fspath(path)!r} is a TensorRT engine; ONNX Runtime needs the .onnx file (or use "
+                        "backend='tensorrt')")
+    return backend
+
+
+def create_backend(path: str | os.PathLike[str], backend: str = "auto", **kwargs: Any) -> Backend:
+    """An (inactive) backend for ``path``; ``kwargs`` go to its constructor (device, providers, ...)."""
+    kind = resolve_backend(path, backend)
+    if not os.path.isfile(path):
+        raise UserError(f"model file {os.fspath(path)!r} not found; export one with `frcnn export` (ONNX) or "
+                        "`frcnn export ... --engine` (TensorRT)")
+    if kind == "tensorrt":
+        from frcnn.runtime.backends.tensorrt import TensorRTBackend
+
+        return TensorRTBackend(path, **kwargs)
+    from frcnn.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    return OnnxRuntimeBackend(path, **kwargs)
+
+
+__all__ = ["BACKENDS", "Backend", "create_backend", "resolve_backend"]

@@ -1,0 +1,73 @@
+"""polygraphy data loader: real, pre-processed images for the exported detector.
+
+    FRCNN_IMAGES=path/to/images polygraphy run model.onnx --onnxrt \\
+        --data-loader-script runtime/polygraphy_data_loader.py:load_data
+
+Environment:
+- ``FRCNN_IMAGES``: an image file, a folder of images, or several of them joined by ``os.pathsep``
+  (unset: one synthetic 480x640 image, deterministic);
+- ``FRCNN_MODEL``: the exported ONNX (or an engine with its sidecar) whose metadata gives the resize rule
+  and channel order (unset: detectron2's COCO test resize, short edge 800 / max 1333, BGR);
+- ``FRCNN_BATCH``: images per feed (default 1).
+
+Each feed is ``{"images": uint8 [B, 3, H, W], "image_sizes": int32 [B, 2]}``, exactly what the Detector sends
+(frcnn.runtime.preprocess + padding). Torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+
+import numpy as np
+
+
+def _resize_rule() -> tuple[int, int, str, int]:
+    """(short edge, max size, channel order, size divisibility) from FRCNN_MODEL's metadata, else defaults."""
+    from frcnn.runtime.detector import parse_metadata
+
+    model = os.environ.get("FRCNN_MODEL")
+    if not model:
+        return 800, 1333, "BGR", 32
+    if model.endswith((".engine", ".plan")):
+        from frcnn.export.engine import read_sidecar
+
+        metadata = read_sidecar(model).get("metadata", {})
+    else:
+        import onnx
+
+        metadata = {p.key: p.value for p in onnx.load(model, load_external_data=False).metadata_props}
+    info = parse_metadata(metadata, model)
+    return info.short_edge, info.max_size, info.channel_order, info.size_divisibility
+
+
+def _images() -> list[np.ndarray]:
+    """RGB uint8 images named by FRCNN_IMAGES (or one synthetic image)."""
+    from frcnn.runtime.infer_cli import collect_images, read_rgb
+
+    spec = os.environ.get("FRCNN_IMAGES")
+    if not spec:
+        rng = np.random.default_rng(0)
+        small = rng.integers(0, 256, (31, 41, 3), dtype=np.uint8)
+        return [np.ascontiguousarray(np.repeat(np.repeat(small, 16, axis=0), 16, axis=1)[:480, :640])]
+    return [read_rgb(f) for f in collect_images([p for p in spec.split(os.pathsep) if p])]
+
+
+def load_data() -> Iterator[dict[str, np.ndarray]]:
+    """Yield the feeds (see the module docstring)."""
+    from frcnn.runtime.detector import MIN_PADDED_SIDE, pad_to_min_side
+    from frcnn.runtime.preprocess import Preprocessor
+
+    short, max_size, order, div = _resize_rule()
+    pre = Preprocessor(short, max_size, input_format="RGB", model_format=order, size_divisibility=div)
+    images = _images()
+    batch = max(1, int(os.environ.get("FRCNN_BATCH", "1")))
+    for start in range(0, len(images), batch):
+        out = pre(images[start:start + batch])
+        yield {"images": pad_to_min_side(out["images"], MIN_PADDED_SIDE, div), "image_sizes": out["image_sizes"]}
+
+
+if __name__ == "__main__":  # a quick look at what polygraphy would be fed
+    for k, feed in enumerate(load_data()):
+        print(k, json.dumps({n: [str(a.dtype), list(a.shape)] for n, a in feed.items()}))
