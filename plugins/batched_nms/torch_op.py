@@ -8,9 +8,8 @@ Algorithm (exact greedy NMS, pure torch; docs/ops.md has the cost):
 1. candidates are the boxes with score > score_threshold, stably sorted by score descending;
 2. the sorted candidates are processed in chunks of ``CHUNK``. A chunk is first checked against the boxes
    kept so far (one [kept, CHUNK] IoU matrix; kept <= max_output), then resolved internally: with the
-   strict upper-triangular suppression matrix ``S`` of the chunk, the greedy keep vector is the unique
-   fixed point of ``keep = alive & !(keep @ S)``; Jacobi iteration reaches it after at most (longest
-   suppression chain) steps, as candidate j only depends on candidates before it;
+   strict upper-triangular suppression matrix ``S`` of the chunk, a sequential sweep over its rows gives
+   the greedy keep vector (each kept row clears the candidates it suppresses);
 3. it stops as soon as ``max_output`` boxes are kept. No N x N matrix is ever built.
 """
 
@@ -50,14 +49,18 @@ def _iou(a: Tensor, area_a: Tensor, b: Tensor, area_b: Tensor) -> Tensor:
 
 
 def _resolve_chunk(suppress: Tensor, alive: Tensor) -> Tensor:
-    """Greedy keep vector of a chunk: fixed point of keep = alive & !any_i(keep_i & suppress[i, j])."""
-    s = suppress.to(torch.float32)
-    keep = alive
-    while True:
-        new = alive & ((keep.to(torch.float32) @ s) == 0)
-        if torch.equal(new, keep):
-            return keep
-        keep = new
+    """Greedy keep vector of a chunk: keep_j = alive_j & !any_{i<j}(keep_i & suppress[i, j]).
+
+    A plain sequential sweep over the chunk's rows (NumPy on the host): its cost is bounded by CHUNK row
+    updates, whatever the suppression chains look like (a fixed-point iteration needs as many matrix
+    products as the longest chain, which overlapping boxes of an untrained RPN make long).
+    """
+    s = suppress.cpu().numpy()
+    keep = alive.cpu().numpy().copy()
+    for i in range(keep.shape[0]):
+        if keep[i]:
+            keep &= ~s[i]
+    return torch.from_numpy(keep).to(alive.device)
 
 
 def _nms_one(
