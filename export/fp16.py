@@ -29,8 +29,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 FP32_NODE_PREFIXES: tuple[str, ...] = (
-    "preprocess", "normalize", "rpn/anchors", "rpn/decode", "roi_heads/decode", "roi_heads/softmax",
-    "postprocess",
+    "preprocess", "normalize", "rpn/anchors", "rpn/decode", "rpn/clip", "rpn/select", "roi_heads/decode",
+    "roi_heads/clip", "postprocess",
+    "roi_heads/softmax", "roi_heads/postprocess",
 )
 """Node name prefixes the exporter gives the parts that must stay fp32."""
 

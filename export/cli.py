@@ -1,0 +1,226 @@
+"""``export-engine model.pth`` (also ``frcnn export``): checkpoint -> ONNX (-> TensorRT engine).
+
+    export-engine model.pth [--config CFG] [--output model.onnx] [--opset N] [--max-batch B]
+                  [--min-size H W] [--opt-size H W] [--max-size H W] [--engine model.engine] [--fp16]
+
+Config lookup without ``--config``: the YAML the trainer stores inside the checkpoint (key ``cfg``), else
+``config.yaml`` beside the checkpoint, else the R50-FPN default (the summary says which one was used).
+
+Exit codes: 0 done; 2 bad input (missing/corrupt checkpoint, config/checkpoint mismatch, unsupported opset,
+unwritable output; nothing is written); 3 the ONNX was written but ``--engine`` was skipped because TensorRT
+>= 10.9 or a GPU is missing; 1 an unexpected internal error (traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from frcnn.runtime.errors import ConfigError, UserError
+
+DEFAULT_CONFIG = "COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml"
+NO_TENSORRT_EXIT_CODE = 3
+
+
+def _hw(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer image side, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"image sides must be positive, got {value}")
+    return value
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the export arguments to ``parser`` (shared by ``export-engine`` and ``frcnn export``)."""
+    parser.add_argument("checkpoint", help="trained checkpoint (.pth from the trainer, or a detectron2 .pth/.pkl)")
+    parser.add_argument("--config", help="config YAML or packaged name (default: stored with the checkpoint, "
+                        f"else {DEFAULT_CONFIG})")
+    parser.add_argument("--output", help="ONNX file to write (default: the checkpoint path with .onnx)")
+    parser.add_argument("--opset", type=int, default=None, help="standard ONNX opset (default 18)")
+    parser.add_argument("--max-batch", type=int, default=4, help="largest batch of the engine profile (4)")
+    for which, text in (("min", "smallest"), ("opt", "tuned"), ("max", "largest")):
+        parser.add_argument(f"--{which}-size", type=_hw, nargs=2, metavar=("H", "W"),
+                            help=f"{text} padded input size of the engine profile (multiples of 32)")
+    parser.add_argument("--engine", help="also build this TensorRT engine (needs TensorRT >= 10.9 and a GPU)")
+    parser.add_argument("--fp16", action="store_true", help="fp16 engine (with --engine)")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """``frcnn export``: the same arguments as ``export-engine``."""
+    parser = subparsers.add_parser("export", help="checkpoint -> ONNX (-> TensorRT engine)",
+                                   description=__doc__.splitlines()[0])
+    return configure_parser(parser)
+
+
+def load_config(checkpoint: str, config: str | None, meta: dict[str, Any]) -> tuple[Any, str]:
+    """(cfg, description of its source) following the lookup order in the module docstring."""
+    import yaml
+    from frcnn.trainer.config import available_configs, get_cfg, model_zoo_config
+
+    cfg = get_cfg()
+    if config:
+        if os.path.isfile(config):
+            cfg.merge_from_file(config)
+            return cfg, config
+        if config in available_configs():
+            cfg.merge_from_file(model_zoo_config(config))
+            return cfg, f"packaged {config}"
+        raise ConfigError(f"config '{config}' is neither a file nor a packaged config name "
+                          f"({', '.join(available_configs())})")
+    stored = meta.get("cfg")
+    if isinstance(stored, str) and stored.strip():
+        try:
+            cfg.merge_from_other_cfg(yaml.safe_load(stored))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"the config stored in checkpoint '{checkpoint}' is not valid YAML ({exc}); pass "
+                              "--config") from None
+        return cfg, f"stored in {checkpoint}"
+    beside = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "config.yaml")
+    if os.path.isfile(beside):
+        cfg.merge_from_file(beside)
+        return cfg, beside
+    cfg.merge_from_file(model_zoo_config(DEFAULT_CONFIG))
+    return cfg, f"default {DEFAULT_CONFIG} (no config stored with the checkpoint; pass --config if wrong)"
+
+
+def class_names(cfg: Any, meta: dict[str, Any]) -> list[str]:
+    """Names stored in the checkpoint (``class_names`` / ``thing_classes``), COCO's for 80 classes, else
+    ``class_<i>``."""
+    num = int(cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+    for key in ("class_names", "thing_classes"):
+        names = meta.get(key)
+        if isinstance(names, (list, tuple)) and len(names) == num and all(isinstance(n, str) for n in names):
+            return list(names)
+    if num == 80:
+        from frcnn.export.coco_names import COCO_CLASSES
+
+        return list(COCO_CLASSES)
+    return [f"class_{i}" for i in range(num)]
+
+
+def _sizes(args: argparse.Namespace, cfg: Any) -> tuple[list[int], list[int], list[int]]:
+    """(min, opt, max) padded (H, W) of the profile; defaults from the config's test resize rule."""
+    from frcnn.export.onnx_export import MIN_IMAGE_SIDE
+
+    def up32(v: int) -> int:
+        return -(-int(v) // 32) * 32
+
+    short = cfg.INPUT.MIN_SIZE_TEST
+    short = int(short[0] if isinstance(short, (list, tuple)) else short)
+    long = int(cfg.INPUT.MAX_SIZE_TEST)
+    lo = list(args.min_size or (up32(MIN_IMAGE_SIDE),) * 2)
+    opt = list(args.opt_size or (up32(short), up32(long)))
+    hi = list(args.max_size or (up32(long),) * 2)
+    if any(v < MIN_IMAGE_SIDE for v in lo):
+        raise UserError(f"--min-size {lo[0]} {lo[1]}: the exported graph needs H, W >= {MIN_IMAGE_SIDE}")
+    if not all(a <= b <= c for a, b, c in zip(lo, opt, hi)):
+        raise UserError(f"sizes must satisfy min <= opt <= max per side, got min {lo}, opt {opt}, max {hi}")
+    return lo, opt, hi
+
+
+def _table(rows: Sequence[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def summary(info: dict[str, Any], path: Path, seconds: float, config_source: str) -> str:
+    """The summary table printed after a successful export."""
+    def fmt(values: list[tuple[str, str, list[Any]]]) -> str:
+        return ", ".join(f"{n} {t}[{','.join(str(d) for d in dims)}]" for n, t, dims in values)
+
+    size = path.stat().st_size
+    rows = [("file", str(path)), ("config", config_source), ("inputs", fmt(info["inputs"])),
+            ("outputs", fmt(info["outputs"])),
+            ("custom nodes", ", ".join(f"{op} ({name})" for name, op in info["custom_nodes"])),
+            ("local functions", ", ".join(info["functions"])), ("opset", str(info["opset"])),
+            ("classes", str(len(json.loads(info["metadata"]["class_names"])))),
+            ("file size", f"{size / 2**20:.1f} MiB"), ("export time", f"{seconds:.1f} s")]
+    return "exported ONNX:\n" + _table(rows)
+
+
+def _build_engine(args: argparse.Namespace, onnx_path: Path, sizes: tuple[list[int], ...]) -> int:
+    from frcnn.export import engine
+
+    try:
+        from frcnn.plugins import tensorrt as frcnn_trt
+
+        frcnn_trt.require_tensorrt()
+        frcnn_trt.current_gpu()
+    except (UserError, ImportError) as exc:
+        print(f"engine step skipped: building {args.engine} needs TensorRT >= 10.9 and an NVIDIA GPU ({exc}). "
+              f"The ONNX file {onnx_path} is complete; build the engine on a GPU machine with:\n"
+              f"  export-engine {args.checkpoint} --output {onnx_path} --engine {args.engine}", file=sys.stderr)
+        return NO_TENSORRT_EXIT_CODE
+    lo, opt, hi = engine.image_profile(1, 1, args.max_batch, *sizes)
+    start = time.perf_counter()
+    info = engine.build_engine(onnx_path, args.engine, min_shapes=lo, opt_shapes=opt, max_shapes=hi,
+                               fp16=args.fp16)
+    print(f"engine: {info.engine_path} (TensorRT {info.tensorrt_version}, {info.gpu_name}, "
+          f"{'fp16' if info.fp16 else 'fp32'}, {time.perf_counter() - start:.1f} s); sidecar {info.sidecar_path}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Export per ``args`` (see module docstring); returns the exit code. Raises UserError for bad input."""
+    from frcnn.export import onnx_export
+
+    start = time.perf_counter()
+    opset = onnx_export.check_opset(args.opset if args.opset is not None else onnx_export.DEFAULT_OPSET)
+    if args.fp16 and not args.engine:
+        raise UserError("--fp16 applies to the TensorRT engine only; add --engine model.engine (the ONNX stays fp32)")
+    if args.max_batch < 1:
+        raise UserError(f"--max-batch must be >= 1, got {args.max_batch}")
+    output = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(".onnx")
+    if output.resolve() == Path(args.checkpoint).resolve():
+        raise UserError(f"--output {output} is the checkpoint itself; choose another file name")
+    onnx_export.check_writable(output)
+    if args.engine:
+        onnx_export.check_writable(args.engine)
+
+    from frcnn.trainer.checkpoint import load_checkpoint_state, load_into_model
+    from frcnn.trainer.modeling import build_model
+
+    state, meta = load_checkpoint_state(args.checkpoint)
+    cfg, source = load_config(args.checkpoint, args.config, meta)
+    sizes = _sizes(args, cfg)
+    model = build_model(cfg)
+    load_into_model(model, state, strict=True, path=str(args.checkpoint))
+    path = onnx_export.export_onnx(model.eval(), cfg, output, opset=opset, class_names=class_names(cfg, meta),
+                                   max_batch=args.max_batch, max_side=max(sizes[2]),
+                                   example_hw=(sizes[1][0], sizes[1][1]))
+    import onnx
+
+    info = onnx_export.describe(onnx.load(str(path), load_external_data=False))
+    print(summary(info, path, time.perf_counter() - start, source))
+    if args.engine:
+        return _build_engine(args, path, sizes)
+    print(f"next: run it with ONNX Runtime (`frcnn infer {path} IMAGE`), or build a TensorRT engine on a GPU "
+          f"machine (`export-engine {args.checkpoint} --output {path} --engine model.engine`)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console script ``export-engine``."""
+    parser = configure_parser(argparse.ArgumentParser(prog="export-engine", description=__doc__.splitlines()[0]))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except UserError as exc:
+        print(f"export-engine: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
