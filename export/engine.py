@@ -192,7 +192,7 @@ def make_sidecar(engine_bytes: bytes, tensorrt_version: str, gpu: Any, profile: 
     """The sidecar dict for an engine (``gpu`` is a :class:`frcnn.plugins.tensorrt.GpuInfo`)."""
     return {
         "format": SIDECAR_FORMAT,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "engine_sha256": hashlib.sha256(engine_bytes).hexdigest(),
         "engine_bytes": len(engine_bytes),
         "onnx_sha256": onnx_sha256,

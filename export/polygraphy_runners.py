@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from frcnn.runtime.backends.base import polygraphy_input_metadata
 from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 
@@ -45,10 +46,7 @@ class TorchRunner(BaseRunner):
         self.model.eval()
 
     def get_input_metadata_impl(self) -> TensorMetadata:
-        meta = TensorMetadata()
-        meta.add("images", np.uint8, (None, 3, None, None))
-        meta.add("image_sizes", np.int32, (None, 2))
-        return meta
+        return polygraphy_input_metadata()
 
     def infer_impl(self, feed_dict: Mapping[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
         import torch

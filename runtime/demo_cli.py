@@ -12,8 +12,8 @@ import argparse
 import shlex
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 __all__ = ["add_parser", "demo_steps", "run_demo"]
 

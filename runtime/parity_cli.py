@@ -39,6 +39,7 @@ def _base_runner() -> Any:
 def make_backend_runner(path: str, backend: str = "auto", name: str | None = None, **options: Any) -> Any:
     """A polygraphy runner around :func:`frcnn.runtime.backends.create_backend` (ONNX Runtime / TensorRT)."""
     from frcnn.runtime.backends import create_backend, resolve_backend
+    from frcnn.runtime.backends.base import polygraphy_input_metadata
     from polygraphy.common import TensorMetadata
 
     kind = resolve_backend(path, backend)
@@ -52,10 +53,7 @@ def make_backend_runner(path: str, backend: str = "auto", name: str | None = Non
             self.backend.activate()
 
         def get_input_metadata_impl(self) -> TensorMetadata:
-            meta = TensorMetadata()
-            meta.add("images", np.uint8, (None, 3, None, None))
-            meta.add("image_sizes", np.int32, (None, 2))
-            return meta
+            return polygraphy_input_metadata()
 
         def infer_impl(self, feed_dict: Mapping[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
             start = time.perf_counter()

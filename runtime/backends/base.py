@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import Self
+from typing import Any, Self
 
 import numpy as np
 from frcnn.runtime.errors import UserError
@@ -19,6 +19,23 @@ from frcnn.runtime.errors import UserError
 INPUTS: dict[str, type] = {"images": np.uint8, "image_sizes": np.int32}
 OUTPUTS: dict[str, type] = {"num_detections": np.int32, "boxes": np.float32, "scores": np.float32,
                             "classes": np.int32}  # fmt: skip
+
+
+MODEL_INPUTS: dict[str, tuple[type, tuple[int | None, ...]]] = {
+    "images": (np.uint8, (None, 3, None, None)),
+    "image_sizes": (np.int32, (None, 2)),
+}
+"""The exported detector's inputs (name -> dtype, shape with None for dynamic axes); docs/export.md."""
+
+
+def polygraphy_input_metadata() -> Any:
+    """MODEL_INPUTS as polygraphy ``TensorMetadata`` (for runners' ``get_input_metadata_impl``)."""
+    from polygraphy.common import TensorMetadata
+
+    meta = TensorMetadata()
+    for name, (dtype, shape) in MODEL_INPUTS.items():
+        meta.add(name, dtype, shape)
+    return meta
 
 
 class Backend(ABC):
