@@ -13,7 +13,6 @@ raises the cls_score bias of ``--hot-classes`` classes so that every proposal yi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -21,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from frcnn.runtime.fileio import atomic_write_json
 from frcnn.trainer.config import get_cfg, model_zoo_config
 from frcnn.trainer.modeling import build_model
 
@@ -107,9 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     out_path = Path(args.json)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out_path)
+    atomic_write_json(out_path, result, indent=2)
     print(f"wrote {out_path}")
     return 0
 

@@ -28,14 +28,11 @@ import time
 from typing import Any
 
 import torch
+from frcnn.runtime.fileio import atomic_write_json
 
 
 def _write_json(path: str, record: dict[str, Any]) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write_json(path, record, indent=2)
 
 
 def _machine(threads: int) -> dict[str, Any]:

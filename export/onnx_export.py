@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ import onnx
 import torch
 from frcnn.export.naming import name_graph, register_stage_frames
 from frcnn.runtime.errors import UserError
+from frcnn.runtime.fileio import atomic_writer
 from torch import Tensor, nn
 
 INPUT_NAMES = ("images", "image_sizes")
@@ -177,22 +177,11 @@ def write_atomic(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
     target = check_writable(path)
     data = model.SerializeToString()
     try:
-        fd, tmp = tempfile.mkstemp(dir=target.parent if str(target.parent) else ".", prefix=f".{target.name}.",
-                                   suffix=".tmp")
-    except OSError as err:
-        raise UserError(f"cannot write '{target}': {err.strerror or err}; choose another --output") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_writer(target, "wb", fsync=True) as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
     except OSError as err:
         raise UserError(f"cannot write '{target}': {err.strerror or err} (disk full or read-only?); nothing "
-                        "was written") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+                        "was written; choose another --output") from None
     return target
 
 

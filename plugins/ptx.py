@@ -109,7 +109,8 @@ def default_specs() -> list[KernelSpec]:
     return [
         roi_align_v2_spec("fp32"),
         roi_align_v2_spec("fp16"),
-        batched_nms_spec(0.7, float("-inf"), 1000, name="batched_nms_rpn"),
+        # RPN: 5 levels x PRE_NMS_TOPK_TEST 1000 candidates -> cap 8192 (what trainer/modeling/rpn.py writes).
+        batched_nms_spec(0.7, float("-inf"), 1000, max_candidates=8192, name="batched_nms_rpn"),
         batched_nms_spec(0.5, 0.05, 100, name="batched_nms_head"),
     ]
 

@@ -11,7 +11,6 @@ Pillow). No accelerator timing is invented: the JSON names the backend and its p
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -19,6 +18,7 @@ from typing import Any
 
 import numpy as np
 from frcnn.runtime.errors import UserError
+from frcnn.runtime.fileio import atomic_write_json
 
 STAGES = ("preprocess", "inference", "postprocess")
 
@@ -145,10 +145,7 @@ def run_bench(args: argparse.Namespace) -> int:
               "machine": platform.processor() or platform.machine(), **summarize(times, args.batch),
               "raw_seconds": times}  # fmt: skip
     print(format_report(result))
-    tmp = f"{args.json}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, args.json)
+    atomic_write_json(args.json, result, indent=2)
     print(f"wrote {args.json}")
     if args.plot:
         print(f"wrote {args.plot} ({plot(result, args.plot)})")

@@ -14,12 +14,12 @@ Both print a table of AP, AP50, AP75, APs, APm, APl (and per-class AP), computed
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 from typing import Any
 
 from frcnn.runtime.errors import UserError
+from frcnn.runtime.fileio import atomic_write_json
 
 __all__ = ["DEPLOYED_SUFFIXES", "add_parser", "format_table", "run_eval"]
 
@@ -48,11 +48,8 @@ def format_table(metrics: dict[str, float], title: str = "") -> str:
 def _write_metrics(output: str, metrics: dict[str, float], extra: dict[str, Any]) -> str:
     os.makedirs(output, exist_ok=True)
     path = os.path.join(output, "metrics.json")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({**extra, "metrics": {k: (None if math.isnan(v) else v) for k, v in metrics.items()}}, f,
-                  indent=2)  # fmt: skip
-    os.replace(tmp, path)
+    atomic_write_json(path, {**extra, "metrics": {k: (None if math.isnan(v) else v) for k, v in metrics.items()}},
+                      indent=2)  # fmt: skip
     return path
 
 

@@ -66,6 +66,7 @@ def test_custom_nodes_functions_and_no_torchvision(model: onnx.ModelProto) -> No
     assert (rpn["max_output"], rpn["score_threshold"]) == (1000, -math.inf) and rpn["iou_threshold"] == pytest.approx(0.7)
     assert head["max_output"] == 100 and head["iou_threshold"] == pytest.approx(0.5)
     assert head["score_threshold"] == pytest.approx(0.05)
+    assert (rpn["max_candidates"], head["max_candidates"]) == (8192, 4096)  # GPU cap >= 5 levels x 1000
     roi = _attrs(nodes["roi_heads/box_pooler/ROIAlignV2"])
     assert {k: roi[k] for k in ("output_size", "sampling_ratio", "aligned", "min_level", "max_level")} == {
         "output_size": 7, "sampling_ratio": 0, "aligned": 1, "min_level": 2, "max_level": 5}

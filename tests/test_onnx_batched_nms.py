@@ -47,10 +47,16 @@ def batched_nms_ref(boxes: np.ndarray, scores: np.ndarray, groups: np.ndarray, i
     return num, out
 
 
-def _model(iou: float, score: float, top_k: int, opset: int = 18,
-           elem: int = TensorProto.FLOAT) -> onnx.ModelProto:
+def _model(iou: float, score: float, top_k: int, opset: int = 18, elem: int = TensorProto.FLOAT,
+           max_candidates: int | None = 4096) -> onnx.ModelProto:
+    """One-node model; ``max_candidates=None`` leaves the attribute off the node (files from before it)."""
     reg.register_schemas()
-    node = onnx_op.make_node("boxes", "scores", "groups", ("num", "indices"), iou, score, top_k, name="nms")
+    node = onnx_op.make_node("boxes", "scores", "groups", ("num", "indices"), iou, score, top_k, name="nms",
+                             max_candidates=max_candidates or 4096)
+    if max_candidates is None:
+        kept = [a for a in node.attribute if a.name != "max_candidates"]
+        del node.attribute[:]
+        node.attribute.extend(kept)
     inputs = [helper.make_tensor_value_info("boxes", elem, ["B", "N", 4]),
               helper.make_tensor_value_info("scores", elem, ["B", "N"]),
               helper.make_tensor_value_info("groups", TensorProto.INT32, ["B", "N"])]
@@ -87,6 +93,8 @@ def test_schema_and_shape_inference() -> None:
     reg.register_schemas()
     schema = onnx.defs.get_schema("BatchedNMS", 1, "frcnn")
     assert {"plugin_namespace", "plugin_version", "max_output"} <= set(schema.attributes)
+    cap = schema.attributes["max_candidates"]
+    assert not cap.required and helper.get_attribute_value(cap.default_value) == 4096
     num, indices = _model(0.5, 0.05, 100).graph.output
     assert [d.dim_param or d.dim_value for d in num.type.tensor_type.shape.dim] == ["B"]
     assert [d.dim_param or d.dim_value for d in indices.type.tensor_type.shape.dim] == ["B", 100]
@@ -127,6 +135,28 @@ def test_iou_threshold_compared_like_torchvision_double() -> None:
     feed = {"boxes": boxes, "scores": np.array([[0.9, 0.8]], F32), "groups": np.zeros((1, 2), np.int32)}
     num, _ = _session(_model(0.3, -np.inf, 5)).run(None, feed)
     assert num.tolist() == [1] == batched_nms_ref(*feed.values(), 0.3, -np.inf, 5)[0].tolist()
+
+
+def test_max_candidates_attribute_is_carried_and_ignored_by_the_body() -> None:
+    """200 candidates above the threshold: ORT stays exact (the body ignores the cap) with the attribute
+    below N (64), above it (8192) or absent (function default); the kernel's cap rounds up."""
+    from frcnn.plugins.batched_nms import kernel_candidate_cap
+
+    feed = _inputs(np.random.default_rng(11), 2, 200, 3, ties=True)
+    want = batched_nms_ref(feed["boxes"], feed["scores"], feed["groups"], 0.5, -np.inf, 150)
+    for cap in (64, 8192, None):
+        model = _model(0.5, -np.inf, 150, max_candidates=cap)
+        attrs = {a.name: helper.get_attribute_value(a) for a in model.graph.node[0].attribute}
+        assert attrs.get("max_candidates") == cap
+        num, indices = _session(model).run(None, feed)
+        np.testing.assert_array_equal(num, want[0])
+        np.testing.assert_array_equal(indices, want[1])
+    assert want[0].min() > 64  # more kept than the cap: a capped evaluation could not produce this
+    assert [kernel_candidate_cap(n) for n in (1, 64, 65, 4096, 4819, 8192)] == [64, 64, 128, 4096, 8192, 8192]
+    with pytest.raises(ValueError, match="max_candidates"):
+        onnx_op.make_node("b", "s", "g", ("n", "i"), 0.5, 0.0, 10, max_candidates=0)
+    with pytest.raises(ValueError, match="max_candidates"):
+        kernel_candidate_cap(0)
 
 
 def test_fp16_inputs_and_empty_candidates() -> None:
@@ -173,7 +203,7 @@ class _TwoNms(torch.nn.Module):
     def forward(self, boxes, scores, groups):
         from frcnn.plugins.batched_nms.torch_op import batched_nms
 
-        rpn = batched_nms(boxes, scores, groups, 0.7, float("-inf"), 30)
+        rpn = batched_nms(boxes, scores, groups, 0.7, float("-inf"), 30, max_candidates=8192)
         head = batched_nms(boxes, scores, groups, 0.3, 0.25, 8)
         return rpn[0], rpn[1], head[0], head[1]
 
@@ -205,7 +235,8 @@ def test_exported_module_runs_in_ort_like_the_torch_op(dynamo: bool, tmp_path) -
     model = _export(dynamo, tmp_path / "nms.onnx")
     nodes = reg.custom_nodes(model)
     assert [n.op_type for n in nodes] == ["BatchedNMS"] * 2 and len(model.functions) == 1
-    assert {helper.get_attribute_value(a) for n in nodes for a in n.attribute if a.name == "max_output"} == {30, 8}
+    attrs = [{a.name: helper.get_attribute_value(a) for a in n.attribute} for n in nodes]
+    assert [(a["max_output"], a["max_candidates"]) for a in attrs] == [(30, 8192), (8, 4096)]
     session = _session(model)
     module = _TwoNms()
     rng = np.random.default_rng(7)

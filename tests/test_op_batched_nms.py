@@ -112,6 +112,12 @@ def test_large_images_beyond_chunk_and_max_output():
     groups = np.stack([rng.integers(0, 5, n), rng.integers(0, 80, n)])
     counts = _check(boxes, scores, groups, 0.5, 0.05, 1000)
     assert counts[0] < 1000 and counts[0] != counts[1]
+    # max_candidates is the GPU kernel's cap: the torch op is exact for any N and ignores it.
+    args = (torch.as_tensor(boxes, dtype=torch.float32), torch.as_tensor(scores, dtype=torch.float32),
+            torch.as_tensor(groups, dtype=torch.int32), 0.5, 0.05, 1000)
+    default = batched_nms(*args)
+    for cap in (1, 64, 8192):
+        assert all(torch.equal(a, b) for a, b in zip(batched_nms(*args, max_candidates=cap), default))
     assert _check(boxes, scores, groups, 0.7, -math.inf, 100) == [100, 100]
 
 
@@ -163,7 +169,7 @@ def test_opcheck_fake_registration():
     boxes[..., 2:] += boxes[..., :2]
     torch.library.opcheck(
         torch.ops.frcnn.batched_nms.default,
-        (boxes, torch.rand(2, 6), torch.zeros(2, 6, dtype=torch.int32), 0.5, 0.0, 4),
+        (boxes, torch.rand(2, 6), torch.zeros(2, 6, dtype=torch.int32), 0.5, 0.0, 4, 8192),
         test_utils=("test_schema", "test_faketensor"),
     )
 
@@ -173,3 +179,5 @@ def test_bad_input_is_rejected():
         batched_nms(torch.zeros(5, 4), torch.zeros(5), torch.zeros(5), 0.5, 0.0, 3)
     with pytest.raises(ValueError, match="scores"):
         batched_nms(torch.zeros(1, 5, 4), torch.zeros(1, 4), torch.zeros(1, 5), 0.5, 0.0, 3)
+    with pytest.raises(ValueError, match="max_candidates must be >= 1"):
+        batched_nms(torch.zeros(1, 5, 4), torch.zeros(1, 5), torch.zeros(1, 5), 0.5, 0.0, 3, max_candidates=0)

@@ -5,7 +5,7 @@ so the test does not depend on which mode other tests imported the kernels in.
 
 - fast: both kernels, every arch, in small configurations (NMS candidate cap 256) -> ``ptxas -arch=sm_XX``;
   plus the cache (hit, key sensitivity, incomplete entries).
-- slow: ``frcnn plugins build`` of the shipped configurations (cap 4096 NMS compiles for ~20 s per arch on
+- slow: ``frcnn plugins build`` of the shipped configurations (cap 4096 head NMS ~20 s, cap 8192 RPN NMS ~25-40 s per arch on
   a 2-core CPU when the cache is cold) -> manifest + ``ptxas`` on every file.
 """
 

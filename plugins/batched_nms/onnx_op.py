@@ -37,6 +37,9 @@ How the body reproduces torchvision ``batched_nms`` exactly with ONNX's NonMaxSu
 
 Candidates failing the score threshold are compacted away before NMS (the head's ~80k candidates shrink
 to the few hundred above 0.05), so the [B, G, M] key tensor stays small.
+
+The optional ``max_candidates`` attribute (default 4096) is the TensorRT kernel's candidate cap; the body
+ignores it (it is exact for any number of candidates) and only declares it, with its default.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from typing import Any
 import numpy as np
 import onnx
 from frcnn.plugins import DOMAIN, PLUGIN_VERSION
-from frcnn.plugins.batched_nms import OP_NAME, TORCH_OP
+from frcnn.plugins.batched_nms import DEFAULT_MAX_CANDIDATES, OP_NAME, TORCH_OP
 from frcnn.plugins.onnx_registry import (
     PLUGIN_ATTRIBUTES,
     FunctionBuilder,
@@ -57,7 +60,9 @@ from frcnn.plugins.onnx_registry import (
 )
 from onnx import TensorProto, defs, helper
 
-_ATTRIBUTES: dict[str, Any] = {"iou_threshold": None, "score_threshold": None, "max_output": None}
+_ATTRIBUTES: dict[str, Any] = {"iou_threshold": None, "score_threshold": None, "max_output": None,
+                               "max_candidates": DEFAULT_MAX_CANDIDATES}
+"""Function attributes and their defaults (None: required)."""
 
 
 def iou_attribute(iou_threshold: float) -> float:
@@ -100,7 +105,11 @@ def schema() -> defs.OpSchema:
         attributes=[attr("iou_threshold", kind.FLOAT, "suppress when IoU > threshold (strictly)"),
                     attr("score_threshold", kind.FLOAT, "candidates need score > threshold (-inf: all "
                          "but -inf/NaN)"),
-                    attr("max_output", kind.INT, "K, boxes kept per image")] + plugin_attribute_schemas())
+                    attr("max_output", kind.INT, "K, boxes kept per image"),
+                    attr("max_candidates", helper.make_attribute("max_candidates", DEFAULT_MAX_CANDIDATES),
+                         "GPU kernel's candidate cap (>= 1, rounded up to a power of two >= 64): exact when "
+                         "at most this many scores exceed score_threshold; ONNX Runtime ignores it (exact "
+                         "for any N)")] + plugin_attribute_schemas())
     result.set_type_and_shape_inference_function(_infer)
     return result
 
@@ -145,12 +154,15 @@ def function_proto(opset: int, nodes: list[onnx.NodeProto]) -> onnx.FunctionProt
     """
     for node in nodes:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        missing = [a for a in _ATTRIBUTES if a not in attrs]
+        missing = [a for a, default in _ATTRIBUTES.items() if default is None and a not in attrs]
         if missing:
             raise ValueError(f"{OP_NAME} node {node.name!r} lacks attribute(s) {missing}")
         if not 0.0 <= attrs["iou_threshold"] <= 1.0:
             raise ValueError(f"{OP_NAME} node {node.name!r}: iou_threshold {attrs['iou_threshold']} is "
                              "outside [0, 1] (ONNX NonMaxSuppression rejects it)")
+        if attrs.get("max_candidates", DEFAULT_MAX_CANDIDATES) < 1:
+            raise ValueError(f"{OP_NAME} node {node.name!r}: max_candidates {attrs['max_candidates']} must "
+                             "be >= 1")
     i64 = TensorProto.INT64
     fb = FunctionBuilder("nms")
     order, key, boxes, groups = _compact(fb)
@@ -175,13 +187,23 @@ def function_proto(opset: int, nodes: list[onnx.NodeProto]) -> onnx.FunctionProt
                          {**_ATTRIBUTES, **PLUGIN_ATTRIBUTES}, doc=__doc__ or "")
 
 
+def _check_max_candidates(max_candidates: int) -> int:
+    if int(max_candidates) < 1:
+        raise ValueError(f"{OP_NAME}: max_candidates must be >= 1, got {max_candidates}")
+    return int(max_candidates)
+
+
 def make_node(boxes: str, scores: str, groups: str, outputs: tuple[str, str], iou_threshold: float,
-              score_threshold: float, max_output: int, name: str | None = None) -> onnx.NodeProto:
+              score_threshold: float, max_output: int, name: str | None = None,
+              max_candidates: int = DEFAULT_MAX_CANDIDATES) -> onnx.NodeProto:
     """A ``frcnn::BatchedNMS`` node (plugin attributes set; iou via ``iou_attribute``); ``outputs`` =
-    (num, indices). ``score_threshold`` is compared in float32, as torch compares a tensor with a scalar."""
+    (num, indices). ``score_threshold`` is compared in float32, as torch compares a tensor with a scalar.
+    ``max_candidates`` (>= 1) is always written, so the TensorRT plugin (which has no attribute defaults)
+    receives it."""
     return helper.make_node(OP_NAME, [boxes, scores, groups], list(outputs), name=name, domain=DOMAIN,
                             iou_threshold=iou_attribute(iou_threshold), score_threshold=float(score_threshold),
-                            max_output=int(max_output), **PLUGIN_ATTRIBUTES)
+                            max_output=int(max_output), max_candidates=_check_max_candidates(max_candidates),
+                            **PLUGIN_ATTRIBUTES)
 
 
 def translation_entry() -> dict[Any, Any]:
@@ -193,12 +215,12 @@ def translation_entry() -> dict[Any, Any]:
     frcnn_opset = onnxscript.values.Opset(DOMAIN, 1)
 
     def batched_nms(boxes: Any, scores: Any, groups: Any, iou_threshold: float, score_threshold: float,
-                    max_output: int) -> Any:
+                    max_output: int, max_candidates: int = DEFAULT_MAX_CANDIDATES) -> Any:
         """boxes [B, N, 4], scores [B, N], groups [B, N] int32 -> one frcnn::BatchedNMS node."""
         return frcnn_opset.BatchedNMS(
             boxes, scores, groups, iou_threshold=iou_attribute(iou_threshold),
-            score_threshold=float(score_threshold), max_output=int(max_output), _num_outputs=2,
-            **PLUGIN_ATTRIBUTES)
+            score_threshold=float(score_threshold), max_output=int(max_output),
+            max_candidates=_check_max_candidates(max_candidates), _num_outputs=2, **PLUGIN_ATTRIBUTES)
 
     return {torch.ops.frcnn.batched_nms.default: batched_nms}
 
@@ -208,13 +230,14 @@ def torchscript_symbolic() -> tuple[str, Any]:
     import torch
     from torch.onnx import symbolic_helper
 
-    @symbolic_helper.parse_args("v", "v", "v", "f", "f", "i")
+    @symbolic_helper.parse_args("v", "v", "v", "f", "f", "i", "i")
     def symbolic(g: Any, boxes: Any, scores: Any, groups: Any, iou_threshold: float,
-                 score_threshold: float, max_output: int) -> Any:
+                 score_threshold: float, max_output: int, max_candidates: int) -> Any:
         num, indices = g.op(f"{DOMAIN}::{OP_NAME}", boxes, scores, groups, outputs=2,
                             iou_threshold_f=iou_attribute(iou_threshold),
                             score_threshold_f=score_threshold,
                             max_output_i=max_output,
+                            max_candidates_i=_check_max_candidates(max_candidates),
                             **{name + "_s": value for name, value in PLUGIN_ATTRIBUTES.items()})
         batch = (scores.type().varyingSizes() or [None])[0]
         num.setType(torch._C.TensorType.create_from_tensor(torch.zeros(0, dtype=torch.int32))

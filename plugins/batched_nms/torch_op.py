@@ -11,6 +11,9 @@ Algorithm (exact greedy NMS, pure torch; docs/ops.md has the cost):
    strict upper-triangular suppression matrix ``S`` of the chunk, a sequential sweep over its rows gives
    the greedy keep vector (each kept row clears the candidates it suppresses);
 3. it stops as soon as ``max_output`` boxes are kept. No N x N matrix is ever built.
+
+``max_candidates`` (the GPU kernel's candidate cap, an attribute of the ONNX node) is accepted and ignored:
+this face is exact for any number of candidates.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import math
 
 import numpy as np
 import torch
-from frcnn.plugins.batched_nms import TORCH_OP
+from frcnn.plugins.batched_nms import DEFAULT_MAX_CANDIDATES, TORCH_OP
 from torch import Tensor
 
 __all__ = ["CHUNK", "batched_nms"]
@@ -111,6 +114,7 @@ def _batched_nms_op(
     iou_threshold: float,
     score_threshold: float,
     max_output: int,
+    max_candidates: int = DEFAULT_MAX_CANDIDATES,
 ) -> tuple[Tensor, Tensor]:
     b = boxes.shape[0]
     num = torch.zeros(b, dtype=torch.int32, device=boxes.device)
@@ -123,7 +127,8 @@ def _batched_nms_op(
 
 
 @_batched_nms_op.register_fake
-def _(boxes, scores, groups, iou_threshold, score_threshold, max_output):
+def _(boxes, scores, groups, iou_threshold, score_threshold, max_output,
+      max_candidates=DEFAULT_MAX_CANDIDATES):
     b = boxes.shape[0]
     return (
         boxes.new_empty((b,), dtype=torch.int32),
@@ -138,6 +143,7 @@ def batched_nms(
     iou_threshold: float,
     score_threshold: float,
     max_output: int,
+    max_candidates: int = DEFAULT_MAX_CANDIDATES,
 ) -> tuple[Tensor, Tensor]:
     """Greedy NMS per image; boxes of different groups never suppress each other (``torch.ops.frcnn.batched_nms``).
 
@@ -146,6 +152,8 @@ def batched_nms(
         iou_threshold: a box is suppressed by a kept box of its group when IoU > threshold (strictly).
         score_threshold: a candidate needs score > threshold (-inf: only -inf and NaN scores drop out).
         max_output: K, kept boxes per image at most.
+        max_candidates: the GPU kernel's candidate cap (>= 1), carried to the exported node; ignored here
+            (exact for any N). The kernel is exact when at most this many scores exceed score_threshold.
     Returns:
         num: [B] int32 kept boxes per image; indices: [B, K] int32 into N, sorted by score descending
         (ties: lower index first), padded with -1.
@@ -159,6 +167,9 @@ def batched_nms(
         )
     if max_output < 0:
         raise ValueError(f"batched_nms: max_output must be >= 0, got {max_output}")
+    if max_candidates < 1:
+        raise ValueError(f"batched_nms: max_candidates must be >= 1, got {max_candidates}")
     return torch.ops.frcnn.batched_nms(
-        boxes, scores, groups.to(torch.int32), float(iou_threshold), float(score_threshold), int(max_output)
+        boxes, scores, groups.to(torch.int32), float(iou_threshold), float(score_threshold), int(max_output),
+        int(max_candidates),
     )

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 from frcnn.runtime.errors import UserError
-from frcnn.runtime.fileio import atomic_write
+from frcnn.runtime.fileio import atomic_write, atomic_writer
 from PIL import Image, ImageDraw
 
 __all__ = ["SHAPE_NAMES", "render_image", "synthesize_dataset"]
@@ -204,9 +204,8 @@ def _write_image(job: tuple[str, int, int, int, int]) -> list[dict[str, Any]]:
     """Render image ``i`` and write it as PNG (temp file + rename); returns its annotations."""
     path, i, size, num_classes, seed = job
     image, annots = render_image(size, num_classes, np.random.default_rng([seed, i]))
-    tmp = f"{path}.tmp-{os.getpid()}"
-    Image.fromarray(image).save(tmp, format="PNG", compress_level=1)
-    os.replace(tmp, path)
+    with atomic_writer(path, "wb") as f:
+        Image.fromarray(image).save(f, format="PNG", compress_level=1)
     return annots
 
 

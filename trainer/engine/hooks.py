@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from frcnn.runtime.fileio import atomic_writer
 from frcnn.trainer.checkpoint import save_checkpoint
 
 from .comm import all_gather_object, is_main_process
@@ -54,12 +55,8 @@ _PERIODIC = re.compile(r"^model_(\d{7})\.pth$")
 
 def write_text_atomic(path: str, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file + ``os.replace`` (never a partial file)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_writer(path, "w", fsync=True) as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------- RNG state

@@ -244,6 +244,8 @@ def fast_rcnn_inference(
     classes = torch.arange(num_classes, dtype=torch.int32, device=scores.device)
     groups = classes.view(1, 1, -1).expand(batch, num_rows, -1).reshape(batch, -1)
 
+    # Default GPU candidate cap (4096): scores above SCORE_THRESH_TEST are typically far fewer than R*K;
+    # beyond the cap the kernel keeps the top-4096 candidates (exact whenever K boxes survive among them).
     num, keep = batched_nms(boxes, fg_scores, groups, nms_thresh, score_thresh, topk_per_image)
     kept = keep >= 0
     keep64 = keep.clamp(min=0).long()

@@ -9,7 +9,8 @@ that exports to a static graph (no .item(), no boolean indexing, no data-depende
    to the image (h, w), has width or height <= min_box_size (detectron2's `nonempty`); invalid candidates get
    score -inf and BatchedNMS (score_threshold = -inf) never considers them;
 4. BatchedNMS with groups = level index, IoU nms_thresh, max_output = post_nms_topk (per image, as detectron2
-   does since v0.1: the top-k is taken per image, not over the batch);
+   does since v0.1: the top-k is taken per image, not over the batch) and max_candidates (the GPU kernel's
+   cap) = the next power of two >= pre_nms_topk * levels, so the TensorRT engine is exact too;
 5. proposals are gathered by the returned indices (sorted by logit); padding rows are 0.
 
 Training losses (anchor matching, sampling, BCE + L1) plug in through `RPN.losses`; they live in their own
@@ -148,7 +149,10 @@ def find_top_rpn_proposals(
     scores = torch.where(valid, scores, torch.full_like(scores, float("-inf")))
     groups = levels.unsqueeze(0).expand(scores.shape[0], -1).contiguous()
 
-    num, keep = batched_nms(boxes, scores, groups, nms_thresh, float("-inf"), post_nms_topk)
+    # Candidate cap of the GPU kernel (the torch op ignores it): every candidate, pre_nms_topk per level
+    # (5 levels x 1000 -> 8192), so the TensorRT engine's NMS is exact like this one.
+    max_candidates = 1 << (pre_nms_topk * len(logits) - 1).bit_length()
+    num, keep = batched_nms(boxes, scores, groups, nms_thresh, float("-inf"), post_nms_topk, max_candidates)
     kept = keep >= 0
     keep64 = keep.clamp(min=0).long()
     proposals = torch.gather(boxes, 1, keep64.unsqueeze(-1).expand(-1, -1, 4))
