@@ -80,7 +80,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser = subparsers.add_parser("demo", help="synthetic data -> train -> eval -> export -> infer -> parity",
                                    description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="demo-output", help="folder for everything (default demo-output)")
-    parser.add_argument("--iters", type=int, default=600, help="training iterations (default 600)")
+    parser.add_argument("--iters", type=int, default=300, help="training iterations (default 300)")
     parser.add_argument("--images", type=int, default=200, help="synthetic images, train + val (default 200)")
     parser.set_defaults(func=run_demo)
     return parser

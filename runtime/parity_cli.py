@@ -205,7 +205,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--max-images", type=int, default=None, help="compare at most this many images")
     parser.add_argument("--box-atol", type=float, default=1e-2, help="box tolerance in pixels (default 0.01)")
     parser.add_argument("--score-atol", type=float, default=1e-4, help="score tolerance (default 1e-4)")
-    parser.add_argument("--min-iou", type=float, default=0.99, help="IoU for a detection match (default 0.99)")
+    parser.add_argument("--min-iou", type=float, default=0.999, help="IoU for a detection match (default 0.999)")
     parser.add_argument("--strict-raw", action="store_true",
                         help="also fail on raw boxes/scores/classes row differences (not only num_detections)")
     parser.add_argument("--opts", nargs="*", default=[], metavar="KEY VALUE", help="config overrides")
