@@ -40,8 +40,9 @@ def demo_steps(out: Path, iters: int, images: int) -> list[tuple[str, str, list[
          ["infer", str(onnx), str(data / "val"), "--output", str(out / "infer")]),
         ("parity: PyTorch vs ONNX Runtime", "frcnn",
          ["parity", str(weights), str(onnx), "--images", str(data / "val")]),
-        ("evaluate the deployed model", "frcnn",
-         ["eval", str(onnx), "--data", str(data), "--output", str(out / "eval-onnx")]),
+        ("evaluate the deployed model (and its AP delta to PyTorch)", "frcnn",
+         ["eval", str(onnx), "--data", str(data), "--weights", str(weights), "--config", str(train / "config.yaml"),
+          "--output", str(out / "eval-onnx")]),
     ]
 
 
