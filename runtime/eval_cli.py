@@ -60,29 +60,10 @@ def _eval_checkpoint(args: argparse.Namespace) -> dict[str, float]:
                         "OUT/config.yaml written by `frcnn train`).")  # fmt: skip
     if not os.path.isfile(args.weights):
         raise UserError(f"checkpoint {args.weights} does not exist; pass the .pth / .pkl to evaluate.")
-    import torch
-    from frcnn.trainer.checkpoint import load_checkpoint
-    from frcnn.trainer.data import load_coco_split
-    from frcnn.trainer.engine import evaluate_model
-    from frcnn.trainer.engine.launch import select_device
-    from frcnn.trainer.modeling import build_model
-    from frcnn.trainer.train_cli import build_config
+    from frcnn.trainer.engine.inference import evaluate_checkpoint
 
-    cfg = build_config(args.config, args.opts)
-    if not os.path.isdir(args.data):
-        raise UserError(f"dataset folder {args.data} does not exist (expected annotations/instances_"
-                        f"{args.split}.json and {args.split}/ inside).")  # fmt: skip
-    dicts, meta = load_coco_split(args.data, args.split)
-    if meta.num_classes != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
-        raise UserError(f"the '{args.split}' split has {meta.num_classes} classes but the config's "
-                        f"MODEL.ROI_HEADS.NUM_CLASSES is {cfg.MODEL.ROI_HEADS.NUM_CLASSES}; pass the config the "
-                        "model was trained with (OUT/config.yaml).")  # fmt: skip
-    device = select_device(args.device or cfg.MODEL.DEVICE)
-    model = build_model(cfg).to(device).eval()
-    load_checkpoint(model, args.weights, strict=True)
-    with torch.inference_mode():
-        return evaluate_model(model, cfg, dicts, meta, output_dir=args.output, batch_size=args.batch_size,
-                              device=device, num_workers=0)  # fmt: skip
+    return evaluate_checkpoint(args.config, args.weights, args.data, split=args.split, opts=args.opts,
+                               output_dir=args.output, batch_size=args.batch_size, device=args.device)  # fmt: skip
 
 
 def _eval_deployed(args: argparse.Namespace) -> dict[str, float]:
