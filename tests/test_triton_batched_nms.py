@@ -8,12 +8,11 @@ the interpreter is slow; the code path is the same as for the default cap.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
+from interpreter_utils import run_kernels_in_interpreter
 
 
 def _boxes(rng: np.random.Generator, b: int, n: int, extent: float = 100.0, size: float = 40.0) -> np.ndarray:
@@ -70,13 +69,7 @@ def _worker(path_in: str, path_out: str) -> None:
 
 @pytest.fixture(scope="module")
 def kernel_results(tmp_path_factory) -> dict:
-    tmp = tmp_path_factory.mktemp("nms")
-    np.savez(tmp / "in.npz", cases=np.array(_cases(), dtype=object))
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, __file__, str(tmp / "in.npz"), str(tmp / "out.npz")], env=env,
-                          check=False, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return np.load(tmp / "out.npz", allow_pickle=True)["results"].item()
+    return run_kernels_in_interpreter(__file__, _cases(), tmp_path_factory.mktemp("nms"))
 
 
 def _numpy_nms(boxes, scores, groups, iou_t, thr, k):

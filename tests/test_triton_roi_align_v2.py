@@ -8,12 +8,11 @@ cannot guarantee. Tolerances (issue 5): 1e-5 absolute for fp32 features, 1e-2 re
 from __future__ import annotations
 
 import math
-import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
+from interpreter_utils import run_kernels_in_interpreter
 
 IMAGE_HW = (128, 160)
 
@@ -71,13 +70,7 @@ def _worker(path_in: str, path_out: str) -> None:
 
 @pytest.fixture(scope="module")
 def kernel_results(tmp_path_factory) -> dict:
-    tmp = tmp_path_factory.mktemp("roi")
-    np.savez(tmp / "in.npz", cases=np.array(_cases(), dtype=object))
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, __file__, str(tmp / "in.npz"), str(tmp / "out.npz")], env=env,
-                          check=False, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return np.load(tmp / "out.npz", allow_pickle=True)["results"].item()
+    return run_kernels_in_interpreter(__file__, _cases(), tmp_path_factory.mktemp("roi"))
 
 
 def _bilinear(f: np.ndarray, y: float, x: float) -> np.ndarray:
