@@ -68,7 +68,7 @@ def _eval_checkpoint(args: argparse.Namespace) -> dict[str, float]:
 
 def _eval_deployed(args: argparse.Namespace) -> dict[str, float]:
     """Deployed path (ONNX / TensorRT; torch-free unless --weights asks for the PyTorch reference too)."""
-    from frcnn.runtime.eval_deployed import run_deployed
+    from frcnn.trainer.eval_deployed import run_deployed
 
     return run_deployed(args, _eval_checkpoint, format_table)
 
