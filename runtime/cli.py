@@ -72,10 +72,14 @@ def _build_parser(commands: dict[str, Command], chosen: str | None) -> argparse.
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    commands = discover_commands()
-    chosen = next((a for a in args_list if not a.startswith("-")), None)
-    chosen = chosen if chosen in commands else None
     try:
+        commands = discover_commands()
+        chosen = next((a for a in args_list if not a.startswith("-")), None)
+        if chosen is not None and chosen not in commands and commands.keys() == COMMANDS.keys():
+            raise UserError(f"unknown command {chosen!r}, and no package registered its commands (entry points "
+                            f"'{ENTRY_POINT_GROUP}'): the installed metadata is older than pyproject.toml; "
+                            "reinstall with `pip install -e .` (or `pip install frcnn-deploy[...]`).")
+        chosen = chosen if chosen in commands else None
         parser = _build_parser(commands, chosen)
         args = parser.parse_args(args_list)
         if getattr(args, "func", None) is None:
