@@ -103,6 +103,14 @@ def load_coco_split(
     return load_coco_json(json_file, image_root, check_files=check_files)
 
 
+def load_dataset(data_dir: str | os.PathLike[str], split: str) -> tuple[list[dict[str, Any]], DatasetMeta]:
+    """:func:`load_coco_split` of an existing dataset folder; a missing folder is a UserError naming the fix."""
+    if not os.path.isdir(data_dir):
+        raise UserError(f"dataset folder {os.fspath(data_dir)} does not exist. Pass a folder with annotations/"
+                        f"instances_{split}.json and {split}/ (e.g. made by `frcnn data synth {os.fspath(data_dir)}`).")
+    return load_coco_split(data_dir, split)
+
+
 def load_coco_json(
     json_file: str | os.PathLike[str], image_root: str | os.PathLike[str], *, check_files: bool = True
 ) -> tuple[list[dict[str, Any]], DatasetMeta]:
