@@ -7,8 +7,11 @@ Each value is ``(module providing add_parser, one-line help, rank in `frcnn --he
 from __future__ import annotations
 
 COMMANDS: dict[str, tuple[str, str, int]] = {
-    "demo": ("frcnn.export.demo_cli",
-             "the main job end to end: synthetic data -> train -> export -> infer -> parity", 0),
+    "demo": (
+        "frcnn.export.demo_cli",
+        "the main job end to end: synthetic data -> train -> export -> infer -> parity",
+        0,
+    ),
     "export": ("frcnn.export.cli", "checkpoint -> ONNX (-> TensorRT engine); same as `export-engine`", 30),
     "parity": ("frcnn.export.parity_cli", "compare PyTorch with the deployed model", 60),
 }

@@ -6,9 +6,9 @@
 
 Element-wise comparison of ``boxes`` / ``scores`` / ``classes`` is wrong for detections: rows past
 ``num_detections`` are padding, and two backends may order equal scores differently. ``compare_outputs``
-instead checks ``num_detections`` exactly and matches detections as sets (same class, IoU >= FRCNN_MIN_IOU,
-|score delta| <= FRCNN_SCORE_ATOL; defaults and their reason in ``frcnn.runtime.tolerances``, CROSS_BACKEND_*)
-with ``frcnn.export.polygraphy_runners.compare_detections``; it returns ``{"num_detections": bool,
+instead checks ``num_detections`` exactly and matches detections as sets (same class, IoU >=
+FRCNN_MIN_IOU, |score delta| <= FRCNN_SCORE_ATOL; defaults and their reason: ``frcnn.runtime.tolerances``,
+CROSS_BACKEND_*) with ``frcnn.export.polygraphy_runners.compare_detections``; it returns ``{"num_detections": bool,
 "detections": bool}`` and prints what did not match. Torch-free.
 """
 
@@ -38,8 +38,9 @@ def compare_outputs(result0: Any, result1: Any) -> OrderedDict[str, bool]:
         return OrderedDict(detections=False)
     same_num = a["num_detections"].shape == b["num_detections"].shape and bool(
         np.array_equal(a["num_detections"], b["num_detections"]))
-    report = compare_detections(a, b, min_iou=float(os.environ.get("FRCNN_MIN_IOU", CROSS_BACKEND_MIN_IOU)),
-                                score_atol=float(os.environ.get("FRCNN_SCORE_ATOL", CROSS_BACKEND_SCORE_ATOL)))
+    min_iou = float(os.environ.get("FRCNN_MIN_IOU", CROSS_BACKEND_MIN_IOU))
+    score_atol = float(os.environ.get("FRCNN_SCORE_ATOL", CROSS_BACKEND_SCORE_ATOL))
+    report = compare_detections(a, b, min_iou=min_iou, score_atol=score_atol)
     names = (getattr(result0, "runner_name", "?"), getattr(result1, "runner_name", "?"))
     print(f"[frcnn compare] {names[0]} vs {names[1]}: num_detections {a['num_detections'].tolist()} vs "
           f"{b['num_detections'].tolist()}; {report}")

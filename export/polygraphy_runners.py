@@ -154,7 +154,8 @@ def _match_proposals(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], a
 
 def compare_detections(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], *,
                        min_iou: float = PARITY_MIN_IOU, score_atol: float = PARITY_SCORE_ATOL,
-                       proposal_atol: float = PROPOSAL_ATOL, proposal_rtol: float = PROPOSAL_RTOL) -> MatchReport:
+                       proposal_atol: float = PROPOSAL_ATOL,
+                       proposal_rtol: float = PROPOSAL_RTOL) -> MatchReport:
     """Compare two output dicts (see module docstring); proposals too when both sides have them.
 
     Proposal coordinates agree when |a - b| <= proposal_atol + proposal_rtol * |b| (defaults and their

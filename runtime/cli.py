@@ -76,9 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         commands = discover_commands()
         chosen = next((a for a in args_list if not a.startswith("-")), None)
         if chosen is not None and chosen not in commands and commands.keys() == COMMANDS.keys():
-            raise UserError(f"unknown command {chosen!r}, and no package registered its commands (entry points "
-                            f"'{ENTRY_POINT_GROUP}'): the installed metadata is older than pyproject.toml; "
-                            "reinstall with `pip install -e .` (or `pip install frcnn-deploy[...]`).")
+            raise UserError(f"unknown command {chosen!r}, and no package registered its commands (entry "
+                            f"points '{ENTRY_POINT_GROUP}'): the installed metadata is older than "
+                            "pyproject.toml; reinstall: `pip install -e .` (or the wheel).")
         chosen = chosen if chosen in commands else None
         parser = _build_parser(commands, chosen)
         args = parser.parse_args(args_list)

@@ -11,7 +11,8 @@ Inputs:
 Outputs (T = the model's ``detections_per_image``, detectron2's ``TEST.DETECTIONS_PER_IMAGE``):
     ``num_detections`` int32 [B], ``boxes`` float32 [B, T, 4] (x1, y1, x2, y2 in resized-image pixels),
     ``scores`` float32 [B, T], ``classes`` int32 [B, T]; rows ``>= num_detections[b]`` are padding.
-Optional debug outputs (``--proposals`` exports): ``proposals`` float32 [B, P, 4], ``num_proposals`` int32 [B].
+Optional debug outputs (``--proposals`` exports): ``proposals`` float32 [B, P, 4], ``num_proposals`` int32
+[B].
 """
 
 from __future__ import annotations

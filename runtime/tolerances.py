@@ -36,10 +36,10 @@ PROPOSAL_RTOL = 1e-5
 need a relative term (|a - b| <= PROPOSAL_ATOL + PROPOSAL_RTOL * |b|)."""
 
 CROSS_BACKEND_MIN_IOU = 0.99
-"""IoU for a match in the polygraphy cross-backend script (ONNX Runtime vs TensorRT; see the module docstring)."""
+"""IoU for a match in the polygraphy cross-backend script (ONNX Runtime vs TensorRT; module docstring)."""
 
 CROSS_BACKEND_SCORE_ATOL = 1e-3
-"""|score delta| in the polygraphy cross-backend script (ONNX Runtime vs TensorRT; see the module docstring)."""
+"""|score delta| in the polygraphy cross-backend script (ONNX Runtime vs TensorRT; module docstring)."""
 
 __all__ = [
     "CROSS_BACKEND_MIN_IOU",

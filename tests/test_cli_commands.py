@@ -25,17 +25,23 @@ def test_every_command_is_found_in_help_order() -> None:
 
 
 def test_installed_entry_points_match_pyproject() -> None:
-    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"][cli.ENTRY_POINT_GROUP]
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"][
+        cli.ENTRY_POINT_GROUP
+    ]
     installed = {ep.name: ep.value for ep in entry_points(group=cli.ENTRY_POINT_GROUP)}
     assert installed == declared, "the installed metadata is stale: run `pip install -e .`"
 
 
 def test_listing_commands_imports_no_command_module() -> None:
-    code = ("import sys\nfrom frcnn.runtime.cli import discover_commands\nnames = discover_commands()\n"
-            "loaded = [c.module for c in names.values() if c.module in sys.modules]\n"
-            "bad = [m for m in ('torch', 'onnx', 'polygraphy') if m in sys.modules]\n"
-            "assert not loaded and not bad, (loaded, bad)\nprint(len(names))\n")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    code = (
+        "import sys\nfrom frcnn.runtime.cli import discover_commands\nnames = discover_commands()\n"
+        "loaded = [c.module for c in names.values() if c.module in sys.modules]\n"
+        "bad = [m for m in ('torch', 'onnx', 'polygraphy') if m in sys.modules]\n"
+        "assert not loaded and not bad, (loaded, bad)\nprint(len(names))\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
     assert res.returncode == 0 and res.stdout.strip() == str(len(NAMES)), res.stderr
 
 

@@ -22,7 +22,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = {"runtime": "frcnn.runtime", "plugins": "frcnn.plugins", "trainer": "frcnn.trainer", "export": "frcnn.export"}
+PACKAGES = {
+    "runtime": "frcnn.runtime",
+    "plugins": "frcnn.plugins",
+    "trainer": "frcnn.trainer",
+    "export": "frcnn.export",
+}
 FORBIDDEN: dict[str, tuple[str, ...]] = {
     "runtime": ("frcnn.trainer", "frcnn.export", "frcnn.plugins", "torch"),
     "plugins": ("frcnn.trainer", "frcnn.export"),
@@ -31,12 +36,16 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
 """folder -> module prefixes its code must not import (the layers above it; torch for the runtime)."""
 
 KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {
-    ("runtime/backends/tensorrt.py", "frcnn.export.engine"):
-        "check_engine_compat / read_sidecar belong in runtime/ (they read the deployed engine's sidecar); "
-        "the file is being rewritten in parallel (issue 11 phase 2)",
-    ("runtime/backends/tensorrt.py", "frcnn.plugins.tensorrt"):
-        "the TensorRT backend must register the plugins an engine references; to be discovered through an "
-        "entry point like the CLI commands (issue 11 phase 2)",
+    (
+        "runtime/backends/tensorrt.py",
+        "frcnn.export.engine",
+    ): "check_engine_compat / read_sidecar belong in runtime/ (they read the deployed engine's sidecar); "
+    "the file is being rewritten in parallel (issue 11 phase 2)",
+    (
+        "runtime/backends/tensorrt.py",
+        "frcnn.plugins.tensorrt",
+    ): "the TensorRT backend must register the plugins an engine references; to be discovered through an "
+    "entry point like the CLI commands (issue 11 phase 2)",
 }
 """(file, imported module) pairs still to be fixed, each with its reason. Listed, not skipped: the test fails
 on any other violation and on an entry here that no longer occurs (so the list only shrinks)."""
@@ -116,9 +125,15 @@ def _is_known(rel: str, module: str, known: tuple[str, str]) -> bool:
 
 def test_imports_point_down_only() -> None:
     found = layer_violations(REPO)
-    new = [f"{f}:{line}: imports {m}" for f, line, m in found if not any(_is_known(f, m, k) for k in KNOWN_VIOLATIONS)]
-    assert not new, ("imports against the layer rule (docs/architecture.md): move the code up a layer, or "
-                     "have the upper layer register itself (see runtime/cli.py):\n  " + "\n  ".join(new))
+    new = [
+        f"{f}:{line}: imports {m}"
+        for f, line, m in found
+        if not any(_is_known(f, m, k) for k in KNOWN_VIOLATIONS)
+    ]
+    assert not new, (
+        "imports against the layer rule (docs/architecture.md): move the code up a layer, or "
+        "have the upper layer register itself (see runtime/cli.py):\n  " + "\n  ".join(new)
+    )
     stale = [k for k in KNOWN_VIOLATIONS if not any(_is_known(f, m, k) for f, _, m in found)]
     assert not stale, f"fixed: remove these from KNOWN_VIOLATIONS: {stale}"
 
@@ -136,13 +151,29 @@ def _plant(tmp_path: Path, rel: str, code: str) -> int:
     ("rel", "planted", "module"),
     [
         ("runtime/errors.py", "import frcnn.trainer.modeling", "frcnn.trainer.modeling"),
-        ("runtime/errors.py", "def f():\n    from frcnn.export import onnx_export", "frcnn.export.onnx_export"),
+        (
+            "runtime/errors.py",
+            "def f():\n    from frcnn.export import onnx_export",
+            "frcnn.export.onnx_export",
+        ),
         ("runtime/errors.py", "def f():\n    import torch.nn as nn", "torch.nn"),
         ("runtime/errors.py", "from frcnn import plugins", "frcnn.plugins"),
         ("runtime/backends/base.py", "from ...trainer import predictor", "frcnn.trainer.predictor"),
-        ("runtime/errors.py", "X = __import__('importlib').import_module('frcnn.export.cli')", "frcnn.export.cli"),
-        ("runtime/errors.py", "TABLE = {'train': 'frcnn.trainer.train_cli:add_parser'}", "frcnn.trainer.train_cli"),
-        ("plugins/ptx.py", "def f():\n    from frcnn.trainer.config import get_cfg", "frcnn.trainer.config.get_cfg"),
+        (
+            "runtime/errors.py",
+            "X = __import__('importlib').import_module('frcnn.export.cli')",
+            "frcnn.export.cli",
+        ),
+        (
+            "runtime/errors.py",
+            "TABLE = {'train': 'frcnn.trainer.train_cli:add_parser'}",
+            "frcnn.trainer.train_cli",
+        ),
+        (
+            "plugins/ptx.py",
+            "def f():\n    from frcnn.trainer.config import get_cfg",
+            "frcnn.trainer.config.get_cfg",
+        ),
         ("plugins/batched_nms/__init__.py", "from ...export import engine", "frcnn.export.engine"),
     ],
 )
@@ -157,18 +188,25 @@ def test_checker_reports_a_planted_import(tmp_path: Path, rel: str, planted: str
 
 def test_relative_imports_resolve_against_the_package(tmp_path: Path) -> None:
     (tmp_path / "runtime" / "backends").mkdir(parents=True)
-    (tmp_path / "runtime" / "backends" / "__init__.py").write_text("from . import base\nfrom .. import errors\n")
-    (tmp_path / "runtime" / "backends" / "x.py").write_text("from ..contract import INPUTS\nfrom . import base\n")
+    (tmp_path / "runtime" / "backends" / "__init__.py").write_text(
+        "from . import base\nfrom .. import errors\n"
+    )
+    (tmp_path / "runtime" / "backends" / "x.py").write_text(
+        "from ..contract import INPUTS\nfrom . import base\n"
+    )
     got = {(p.relative_to(tmp_path).as_posix(), m) for p in (tmp_path / "runtime").rglob("*.py")
            for _, m in imports_of(p, tmp_path)}  # fmt: skip
-    assert {("runtime/backends/__init__.py", "frcnn.runtime.backends.base"),
-            ("runtime/backends/__init__.py", "frcnn.runtime.errors"),
-            ("runtime/backends/x.py", "frcnn.runtime.contract.INPUTS"),
-            ("runtime/backends/x.py", "frcnn.runtime.backends.base")} <= got
+    assert {
+        ("runtime/backends/__init__.py", "frcnn.runtime.backends.base"),
+        ("runtime/backends/__init__.py", "frcnn.runtime.errors"),
+        ("runtime/backends/x.py", "frcnn.runtime.contract.INPUTS"),
+        ("runtime/backends/x.py", "frcnn.runtime.backends.base"),
+    } <= got
 
 
 def test_docstrings_and_clean_files_are_not_reported(tmp_path: Path) -> None:
     (tmp_path / "runtime").mkdir()
     (tmp_path / "runtime" / "ok.py").write_text(
-        '"""frcnn.trainer.predictor"""\nimport numpy as np\nfrom frcnn.runtime import errors\n')
+        '"""frcnn.trainer.predictor"""\nimport numpy as np\nfrom frcnn.runtime import errors\n'
+    )
     assert layer_violations(tmp_path) == []

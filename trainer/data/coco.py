@@ -104,10 +104,11 @@ def load_coco_split(
 
 
 def load_dataset(data_dir: str | os.PathLike[str], split: str) -> tuple[list[dict[str, Any]], DatasetMeta]:
-    """:func:`load_coco_split` of an existing dataset folder; a missing folder is a UserError naming the fix."""
-    if not os.path.isdir(data_dir):
-        raise UserError(f"dataset folder {os.fspath(data_dir)} does not exist. Pass a folder with annotations/"
-                        f"instances_{split}.json and {split}/ (e.g. made by `frcnn data synth {os.fspath(data_dir)}`).")
+    """:func:`load_coco_split` of an existing folder; a missing folder is a UserError naming the fix."""
+    folder = os.fspath(data_dir)
+    if not os.path.isdir(folder):
+        raise UserError(f"dataset folder {folder} does not exist. Pass a folder with annotations/"
+                        f"instances_{split}.json and {split}/ (e.g. made by `frcnn data synth {folder}`).")
     return load_coco_split(data_dir, split)
 
 
