@@ -263,8 +263,7 @@ class StandardROIHeads(nn.Module):
     Args:
         box_in_features: feature names pooled, e.g. ["p2", "p3", "p4", "p5"].
         box_pooler: ROIPooler; box_head: FastRCNNConvFCHead; box_predictor: FastRCNNOutputLayers.
-        num_classes: K foreground classes.
-        sampling: how `losses` labels and samples proposals (ROISamplingSettings; defaults: detectron2's).
+        num_classes: K; sampling: how `losses` labels and samples proposals (ROISamplingSettings).
     """
 
     def __init__(
