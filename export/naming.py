@@ -16,9 +16,9 @@ from collections.abc import Sequence
 
 import onnx
 import torch
+from frcnn.runtime.contract import INPUT_NAMES, OUTPUT_NAMES, PROPOSAL_NAMES
 
-PROTECTED = ("images", "image_sizes", "num_detections", "boxes", "scores", "classes", "proposals",
-             "num_proposals")
+PROTECTED = INPUT_NAMES + OUTPUT_NAMES + PROPOSAL_NAMES
 """Graph input/output names that are never renamed."""
 
 _SCOPE_ALIASES = {"proposal_generator": "rpn", "anchor_generator": "anchors"}

@@ -33,18 +33,15 @@ from typing import Any
 import onnx
 import torch
 from frcnn.export.naming import name_graph, register_stage_frames
+from frcnn.runtime.contract import INPUT_NAMES, OUTPUT_NAMES, PROPOSAL_NAMES
+from frcnn.runtime.contract import MIN_PADDED_SIDE as MIN_IMAGE_SIDE
 from frcnn.runtime.errors import UserError
 from frcnn.runtime.fileio import atomic_writer
 from torch import Tensor, nn
 
-INPUT_NAMES = ("images", "image_sizes")
-OUTPUT_NAMES = ("num_detections", "boxes", "scores", "classes")
-PROPOSAL_NAMES = ("proposals", "num_proposals")
 DEFAULT_OPSET = 18
 SUPPORTED_OPSETS = range(18, 22)
 """Standard opsets the export is tested with (the dynamo exporter emits 18 natively)."""
-MIN_IMAGE_SIDE = 65
-"""Smallest H / W the graph is specialised for (torch.export guards: P6 must be larger than 1x1)."""
 
 class DeployModel(nn.Module):
     """The exported module: plain tensors in, the fixed-size detection tuple out.

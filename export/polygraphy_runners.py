@@ -23,10 +23,11 @@ from typing import Any
 
 import numpy as np
 from frcnn.runtime.backends.base import polygraphy_input_metadata
+from frcnn.runtime.contract import OUTPUT_NAMES as DETECTION_KEYS
+from frcnn.runtime.contract import PROPOSAL_NAMES
+from frcnn.runtime.tolerances import PARITY_MIN_IOU, PARITY_SCORE_ATOL, PROPOSAL_ATOL, PROPOSAL_RTOL
 from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
-
-DETECTION_KEYS = ("num_detections", "boxes", "scores", "classes")
 
 
 class TorchRunner(BaseRunner):
@@ -57,7 +58,7 @@ class TorchRunner(BaseRunner):
         with torch.no_grad():
             out = self.model.inference(images, sizes, return_proposals=self.return_proposals)
         self.inference_time = time.perf_counter() - start
-        keys = DETECTION_KEYS + (("proposals", "num_proposals") if self.return_proposals else ())
+        keys = DETECTION_KEYS + (PROPOSAL_NAMES if self.return_proposals else ())
         return OrderedDict((k, out[k].detach().cpu().numpy()) for k in keys)
 
     def deactivate_impl(self) -> None:
@@ -151,13 +152,14 @@ def _match_proposals(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], a
             report.max_proposal_rel_delta = max(report.max_proposal_rel_delta, float(relative.max()))
 
 
-def compare_detections(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], *, min_iou: float = 0.999,
-                       score_atol: float = 1e-4, proposal_atol: float = 1e-4,
-                       proposal_rtol: float = 1e-5) -> MatchReport:
+def compare_detections(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], *,
+                       min_iou: float = PARITY_MIN_IOU, score_atol: float = PARITY_SCORE_ATOL,
+                       proposal_atol: float = PROPOSAL_ATOL,
+                       proposal_rtol: float = PROPOSAL_RTOL) -> MatchReport:
     """Compare two output dicts (see module docstring); proposals too when both sides have them.
 
-    Proposal coordinates (pixels, up to ~1333) agree when |a - b| <= proposal_atol + proposal_rtol * |b|:
-    1e-4 px absolute near 0 and 1e-5 relative for large coordinates (float32 spacing at 1024 is 1.2e-4).
+    Proposal coordinates agree when |a - b| <= proposal_atol + proposal_rtol * |b| (defaults and their
+    reasons: frcnn.runtime.tolerances).
     """
     report = MatchReport()
     missing = [k for k in DETECTION_KEYS if k not in a or k not in b]
@@ -169,7 +171,7 @@ def compare_detections(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray],
         return report
     for i in range(a["num_detections"].shape[0]):
         _match_image(a, b, i, min_iou, score_atol, report)
-    if all(k in a and k in b for k in ("proposals", "num_proposals")):
+    if all(k in a and k in b for k in PROPOSAL_NAMES):
         _match_proposals(a, b, proposal_atol, proposal_rtol, report)
     return report
 
@@ -177,8 +179,8 @@ def compare_detections(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray],
 class DetectionCompareFunc:
     """polygraphy ``compare_func``: ``{"detections": MatchReport}`` per iteration (see compare_detections)."""
 
-    def __init__(self, min_iou: float = 0.999, score_atol: float = 1e-4, proposal_atol: float = 1e-4,
-                 proposal_rtol: float = 1e-5) -> None:
+    def __init__(self, min_iou: float = PARITY_MIN_IOU, score_atol: float = PARITY_SCORE_ATOL,
+                 proposal_atol: float = PROPOSAL_ATOL, proposal_rtol: float = PROPOSAL_RTOL) -> None:
         self.min_iou, self.score_atol = min_iou, score_atol
         self.proposal_atol, self.proposal_rtol = proposal_atol, proposal_rtol
         self.reports: list[MatchReport] = []

@@ -1,6 +1,6 @@
 """The ONNX face shared by the custom ops: schemas, model-local functions and exporter hooks.
 
-An exported model carries each custom op twice over (DESIGN §3, §6):
+An exported model carries each custom op twice over (docs/onnx-ops.md, docs/export.md):
 
 - a node ``frcnn::ROIAlignV2`` / ``frcnn::BatchedNMS`` with ``plugin_namespace="frcnn"`` and
   ``plugin_version="1"``: TensorRT's ONNX parser maps it to the registered plugin;
@@ -64,15 +64,6 @@ def plugin_attribute_schemas() -> list[defs.OpSchema.Attribute]:
         defs.OpSchema.Attribute(
             "plugin_version", string, "TensorRT plugin version (\"1\").", required=False),
     ]
-
-
-def make_custom_node(op_type: str, inputs: list[str], outputs: list[str], name: str | None = None,
-                     **attributes: Any) -> onnx.NodeProto:
-    """A ``frcnn`` node with the plugin attributes set; ``attributes`` as in ``onnx.helper.make_node``."""
-    if op_type not in _op_modules():
-        raise ValueError(f"unknown custom op {op_type!r}; expected one of {sorted(_op_modules())}")
-    return helper.make_node(op_type, inputs, outputs, name=name, domain=DOMAIN,
-                            **{**attributes, **PLUGIN_ATTRIBUTES})
 
 
 def _graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
@@ -241,7 +232,6 @@ __all__ = [
     "custom_nodes",
     "custom_translation_table",
     "infer_type",
-    "make_custom_node",
     "make_function",
     "model_opset",
     "plugin_attribute_schemas",

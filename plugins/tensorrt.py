@@ -118,15 +118,6 @@ def register() -> None:
     _registered = True
 
 
-def plugin_ids() -> list[str]:
-    """The TensorRT plugin ids (``namespace::name``) :func:`register` provides."""
-    from frcnn.plugins import DOMAIN
-    from frcnn.plugins.batched_nms import OP_NAME as NMS
-    from frcnn.plugins.roi_align_v2 import OP_NAME as ROI
-
-    return [f"{DOMAIN}::{ROI}", f"{DOMAIN}::{NMS}"]
-
-
 def current_gpu(device: int = 0) -> GpuInfo:
     """Name and compute capability of CUDA device ``device`` (cuda-python, else ``nvidia-smi``).
 
@@ -239,7 +230,6 @@ __all__ = [
     "aot_records",
     "current_gpu",
     "parse_version",
-    "plugin_ids",
     "register",
     "require_tensorrt",
     "tensorrt_available",

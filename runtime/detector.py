@@ -28,14 +28,13 @@ from typing import Any, Self
 import numpy as np
 from frcnn.runtime.backends import create_backend
 from frcnn.runtime.backends.base import Backend
+from frcnn.runtime.contract import MIN_PADDED_SIDE
 from frcnn.runtime.errors import UserError
 from frcnn.runtime.postprocess import postprocess_batch
 from frcnn.runtime.preprocess import Preprocessor
 
 #: ONNX batches are split to this size when neither the model nor the caller gives a max batch.
 DEFAULT_ONNX_MAX_BATCH = 8
-#: Smallest padded side fed to the model (the export specialises H, W >= 65: P6 must be larger than 1x1).
-MIN_PADDED_SIDE = 65
 REQUIRED_METADATA = ("class_names", "resize", "input_format", "size_divisibility")
 
 

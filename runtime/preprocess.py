@@ -183,16 +183,6 @@ class Preprocessor:
         self.size_divisibility = int(size_divisibility)
         validate_image(np.zeros((1, 1, 3), np.uint8), input_format, model_format)  # checks the format names
 
-    @classmethod
-    def from_config(cls, cfg: Any, input_format: str = "BGR") -> Preprocessor:
-        """Build from a detectron2-style config: INPUT.MIN_SIZE_TEST, INPUT.MAX_SIZE_TEST, INPUT.FORMAT."""
-        return cls(
-            short_edge=cfg.INPUT.MIN_SIZE_TEST,
-            max_size=cfg.INPUT.MAX_SIZE_TEST,
-            input_format=input_format,
-            model_format=cfg.INPUT.FORMAT,
-        )
-
     def preprocess_one(self, img: Any) -> np.ndarray:
         """One user image -> validated, resized uint8 ``[h, w, 3]`` in the model's channel order."""
         img = validate_image(img, self.input_format, self.model_format)

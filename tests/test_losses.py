@@ -6,6 +6,7 @@ and hand-computed cases. Sampling is random, so the references replay the same t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -210,7 +211,8 @@ def test_rpn_loss_hand_computed(model):
         np.array([0.1, -0.2, 0.05, 0.3]) - np_deltas(np.array([[0.0, 0, 10, 10]]), gt, (1, 1, 1, 1))[0]
     ).sum()
     torch.manual_seed(0)
-    losses = rpn_losses(rpn, anchors, logits, deltas, torch.tensor([[64, 64], [64, 64]]), targets)
+    sizes = torch.tensor([[64, 64], [64, 64]])
+    losses = rpn_losses(rpn.loss_settings, rpn.box2box_transform, anchors, logits, deltas, sizes, targets)
     assert losses["loss_rpn_cls"].item() == pytest.approx(cls / 512, rel=1e-6)
     assert losses["loss_rpn_loc"].item() == pytest.approx(loc / 512, rel=1e-6)
 
@@ -235,21 +237,19 @@ def test_rpn_loss_many_anchors_matches_numpy(model, beta):
     rpn = model.proposal_generator
     anchors, logits, deltas, targets = _random_rpn_case(7)
     sizes = torch.tensor([[256, 256]] * 3)
-    old_beta, rpn.smooth_l1_beta = rpn.smooth_l1_beta, beta
-    try:
-        torch.manual_seed(11)
-        losses = rpn_losses(
-            rpn,
-            [anchors[:1000], anchors[1000:]],
-            [logits[:, :1000], logits[:, 1000:]],
-            [deltas[:, :1000], deltas[:, 1000:]],
-            sizes,
-            targets,
-        )
-        torch.manual_seed(11)
-        labels, matched = label_and_sample_anchors(rpn, anchors, sizes, [t["boxes"] for t in targets])
-    finally:
-        rpn.smooth_l1_beta = old_beta
+    settings = dataclasses.replace(rpn.loss_settings, smooth_l1_beta=beta)
+    torch.manual_seed(11)
+    losses = rpn_losses(
+        settings,
+        rpn.box2box_transform,
+        [anchors[:1000], anchors[1000:]],
+        [logits[:, :1000], logits[:, 1000:]],
+        [deltas[:, :1000], deltas[:, 1000:]],
+        sizes,
+        targets,
+    )
+    torch.manual_seed(11)
+    labels, matched = label_and_sample_anchors(settings, anchors, sizes, [t["boxes"] for t in targets])
     a_np = anchors.numpy()
     cls = loc = 0.0
     for i, t in enumerate(targets):
@@ -279,8 +279,8 @@ def test_rpn_loss_many_anchors_matches_numpy(model, beta):
 
 def test_roi_loss_matches_numpy_given_sampled_proposals(model):
     heads = model.roi_heads
-    old = heads.batch_size_per_image
-    heads.batch_size_per_image = 32  # 8 foreground at most: sampling actually selects
+    old = heads.sampling
+    heads.sampling = dataclasses.replace(old, batch_size_per_image=32)  # 8 foreground at most: sampling selects
     try:
         g = torch.Generator().manual_seed(4)
         feats = {
@@ -308,7 +308,7 @@ def test_roi_loss_matches_numpy_given_sampled_proposals(model):
         torch.manual_seed(21)
         losses = roi_head_losses(heads, feats, proposals, num, torch.tensor([[256, 256]] * 2), targets)
         torch.manual_seed(21)
-        samples = label_and_sample_proposals(heads, proposals, num, targets)
+        samples = label_and_sample_proposals(heads.sampling, heads.num_classes, proposals, num, targets)
         cls_ref, reg_ref, n_total = 0.0, 0.0, 0
         for i, s in enumerate(samples):
             pool = torch.cat([proposals[i, : int(num[i])], targets[i]["boxes"]]).numpy()
@@ -334,7 +334,7 @@ def test_roi_loss_matches_numpy_given_sampled_proposals(model):
                     reg_ref += np.abs(dl[r, 4 * ref_cls[r] : 4 * ref_cls[r] + 4] - gd).sum()
             n_total += len(boxes)
     finally:
-        heads.batch_size_per_image = old
+        heads.sampling = old
     assert n_total == 64
     assert losses["loss_cls"].item() == pytest.approx(cls_ref / n_total, rel=1e-4)
     assert losses["loss_box_reg"].item() == pytest.approx(reg_ref / n_total, rel=1e-4)
@@ -346,8 +346,10 @@ def test_roi_sampling_appends_ground_truth_and_skips_padding(model):
     proposals = torch.full((1, 6, 4), 3.0)  # all padding: num_proposals = 1, then garbage rows
     proposals[0, 0] = torch.tensor([200.0, 200, 220, 230])  # background
     torch.manual_seed(0)
+    heads = model.roi_heads
     (s,) = label_and_sample_proposals(
-        model.roi_heads, proposals, torch.tensor([1]), [{"boxes": gt, "classes": torch.tensor([1, 0])}]
+        heads.sampling, heads.num_classes, proposals, torch.tensor([1]),
+        [{"boxes": gt, "classes": torch.tensor([1, 0])}],
     )
     rows = {tuple(b.tolist()): c for b, c in zip(s.boxes, s.gt_classes.tolist())}
     assert rows == {

@@ -187,7 +187,7 @@ def test_empty_rois_nan_box_and_fp16() -> None:
 
 
 def test_each_level_pools_only_its_own_rois() -> None:
-    """DESIGN cost trap: one RoiAlign per level, fed by a Gather over that level's NonZero rows."""
+    """Cost trap (docs/onnx-ops.md): one RoiAlign per level fed by a Gather over that level's NonZero rows."""
     function = next(f for f in _model().functions if f.name == "ROIAlignV2")
     producer = {out: node for node in function.node for out in node.output}
     roi_aligns = [n for n in function.node if n.op_type == "RoiAlign"]

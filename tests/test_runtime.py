@@ -283,7 +283,8 @@ def test_full_run_never_imports_torch(fake_model):
             f"d = Detector({fake_model!r}, providers=['cpu'])\n"
             f"out = d([np.zeros((40, 50, 3), np.uint8) + 90, np.full((70, 30), 7, np.uint8)])\n"
             f"assert len(out) == 2 and len(out[0]) > 0\n"
-            f"from frcnn.runtime import infer_cli, bench_cli, polygraphy_data_loader, polygraphy_compare\n"
+            f"from frcnn.runtime import infer_cli, bench_cli\n"
+            f"from frcnn.export import polygraphy_data_loader, polygraphy_compare\n"
             f"assert 'torch' not in sys.modules, 'torch was imported'\nprint('ok')\n")
     res = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr

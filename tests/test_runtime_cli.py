@@ -77,7 +77,7 @@ def test_bench_json_and_plot(fake_model, tmp_path, capsys):
 
 
 def test_polygraphy_scripts(fake_model, tmp_path, monkeypatch):
-    from frcnn.runtime import polygraphy_compare, polygraphy_data_loader
+    from frcnn.export import polygraphy_compare, polygraphy_data_loader
     from frcnn.runtime.backends import create_backend
     from polygraphy.comparator.struct import IterationResult
 

@@ -57,14 +57,14 @@ def _set_num_classes(cfg: Any, requested: str, dataset_classes: int, names: tupl
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from frcnn.trainer.data import load_dataset
     from frcnn.trainer.engine import NonFiniteLossError, train
-    from frcnn.trainer.engine.launch import _load_data
 
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")  # fmt: skip
     cfg = build_config(args.config, args.opts)
-    dataset = _load_data(args.data, "train")
+    dataset = load_dataset(args.data, "train")
     _set_num_classes(cfg, args.num_classes, dataset[1].num_classes, dataset[1].thing_classes)
     try:
         summary = train(cfg, args.data, args.output, resume=args.resume, log_period=args.log_period,

@@ -20,7 +20,7 @@ Exactness (checked against a float32 NumPy transcription of detectron2's kernel 
   ``canonical_level`` and the floor follow detectron2. A sweep of 4000 float32 values around each level
   boundary gives the same levels as ``torch.log2``.
 
-Each ROI is pooled on its own level only (DESIGN §3 cost trap). Features may be float32 or float16 (the
+Each ROI is pooled on its own level only (docs/onnx-ops.md). Features may be float32 or float16 (the
 body pools in float32 and casts back: ONNX Runtime's RoiAlign is float/double only). The body implements
 ``aligned=1`` only; ``attach_functions`` refuses a node with ``aligned=0``. A box with a NaN/inf coordinate
 (which RoiAlign rejects) is replaced by (0, 0, 0, 0) and pools to zeros, like the torch op.

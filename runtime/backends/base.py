@@ -13,19 +13,10 @@ from collections.abc import Mapping
 from typing import Any, Self
 
 import numpy as np
+from frcnn.runtime.contract import INPUTS, MODEL_INPUTS, OUTPUTS
 from frcnn.runtime.errors import UserError
 
-#: The deployed model's inputs and outputs (DESIGN §5): name -> numpy dtype.
-INPUTS: dict[str, type] = {"images": np.uint8, "image_sizes": np.int32}
-OUTPUTS: dict[str, type] = {"num_detections": np.int32, "boxes": np.float32, "scores": np.float32,
-                            "classes": np.int32}  # fmt: skip
-
-
-MODEL_INPUTS: dict[str, tuple[type, tuple[int | None, ...]]] = {
-    "images": (np.uint8, (None, 3, None, None)),
-    "image_sizes": (np.int32, (None, 2)),
-}
-"""The exported detector's inputs (name -> dtype, shape with None for dynamic axes); docs/export.md."""
+__all__ = ["INPUTS", "MODEL_INPUTS", "OUTPUTS", "Backend", "check_feed", "polygraphy_input_metadata"]
 
 
 def polygraphy_input_metadata() -> Any:

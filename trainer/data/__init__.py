@@ -17,6 +17,7 @@ from .coco import (
     filter_images_without_annotations,
     load_coco_json,
     load_coco_split,
+    load_dataset,
 )
 from .synth import SHAPE_NAMES, synthesize_dataset
 
@@ -41,6 +42,7 @@ __all__ = [
     "filter_images_without_annotations",
     "load_coco_json",
     "load_coco_split",
+    "load_dataset",
     "read_image",
     "synthesize_dataset",
     "transform_boxes",

@@ -87,34 +87,3 @@ def evaluate_model(
     logger.info("evaluated %d images in %.1f s", len(evaluator.img_ids), time.perf_counter() - start)
     return metrics
 
-
-def evaluate_checkpoint(config: str, weights: str, data_dir: str, *, split: str = "val",
-                        opts: Sequence[str] = (), output_dir: str | None = None, batch_size: int = 1,
-                        device: str | None = None) -> dict[str, float]:
-    """COCO AP of a checkpoint (the PyTorch path of ``frcnn eval``): config + KEY VALUE overrides, strict load,
-    ``evaluate_model`` on ``data_dir``'s ``split``. Input problems raise UserError naming the fix."""
-    import os
-
-    from frcnn.runtime.errors import UserError
-    from frcnn.trainer.checkpoint import load_checkpoint
-    from frcnn.trainer.data import load_coco_split
-    from frcnn.trainer.modeling import build_model
-    from frcnn.trainer.train_cli import build_config
-
-    from .launch import select_device
-
-    cfg = build_config(config, list(opts))
-    if not os.path.isdir(data_dir):
-        raise UserError(f"dataset folder {data_dir} does not exist (expected annotations/instances_"
-                        f"{split}.json and {split}/ inside).")  # fmt: skip
-    dicts, meta = load_coco_split(data_dir, split)
-    if meta.num_classes != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
-        raise UserError(f"the '{split}' split has {meta.num_classes} classes but the config's "
-                        f"MODEL.ROI_HEADS.NUM_CLASSES is {cfg.MODEL.ROI_HEADS.NUM_CLASSES}; pass the config the "
-                        "model was trained with (OUT/config.yaml).")  # fmt: skip
-    dev = select_device(device or cfg.MODEL.DEVICE)
-    model = build_model(cfg).to(dev).eval()
-    load_checkpoint(model, weights, strict=True)
-    with torch.inference_mode():
-        return evaluate_model(model, cfg, dicts, meta, output_dir=output_dir, batch_size=batch_size, device=dev,
-                              num_workers=0)  # fmt: skip

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from frcnn.runtime.errors import CheckpointError, ConfigError, UserError
+from frcnn.trainer.data import load_dataset
 
 from .comm import barrier, get_rank, get_world_size, is_main_process
 from .hooks import (
@@ -106,15 +107,6 @@ def _shared_random_seed() -> int:
     return shared_seed(None, get_world_size())
 
 
-def _load_data(data_dir: str, split: str) -> tuple[list[dict[str, Any]], Any]:
-    from frcnn.trainer.data import load_coco_split
-
-    if not os.path.isdir(data_dir):
-        raise UserError(f"dataset folder {data_dir} does not exist. Pass a folder with annotations/"
-                        f"instances_{split}.json and {split}/ (e.g. made by `frcnn data synth {data_dir}`).")  # fmt: skip
-    return load_coco_split(data_dir, split)
-
-
 def _init_weights(model: torch.nn.Module, weights: str) -> None:
     """MODEL.WEIGHTS (detectron2 .pth/.pkl or an ImageNet backbone .pkl) into a fresh model, non-strict."""
     from frcnn.trainer.checkpoint import load_checkpoint_state, load_into_model
@@ -142,7 +134,7 @@ def train(
     check_supported(cfg, training=True)
     ctx = init_distributed(cfg.MODEL.DEVICE)
     try:
-        dicts, meta = _load_data(data_dir, train_split) if dataset is None else dataset
+        dicts, meta = load_dataset(data_dir, train_split) if dataset is None else dataset
         if meta.num_classes > cfg.MODEL.ROI_HEADS.NUM_CLASSES:
             raise ConfigError(f"the dataset has {meta.num_classes} classes but MODEL.ROI_HEADS.NUM_CLASSES is "
                               f"{cfg.MODEL.ROI_HEADS.NUM_CLASSES}; set it to {meta.num_classes}.")  # fmt: skip
@@ -239,7 +231,7 @@ def _eval_hook(cfg: Any, model: torch.nn.Module, data_dir: str, split: str, outp
         return None
     from .inference import evaluate_model
 
-    dicts, meta = _load_data(data_dir, split)
+    dicts, meta = load_dataset(data_dir, split)
     inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
     def run_eval() -> dict[str, float]:

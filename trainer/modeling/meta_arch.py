@@ -152,10 +152,7 @@ def build_model(cfg) -> GeneralizedRCNN:
     """Build GeneralizedRCNN from a config (detectron2 `build_model`): checks that the config is supported,
     builds every module through `from_config`, returns the model on CPU in training mode (call .eval() for
     inference and .to(device) to move it)."""
-    try:
-        from frcnn.trainer.config import check_supported
-    except ImportError:
-        check_supported = None
-    if check_supported is not None:
-        check_supported(cfg)
+    from frcnn.trainer.config import check_supported
+
+    check_supported(cfg)
     return GeneralizedRCNN(**GeneralizedRCNN.from_config(cfg))

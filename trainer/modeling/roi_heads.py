@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .box_transform import Box2BoxTransform
 from .layers import Conv2d, ShapeSpec, c2_msra_fill, c2_xavier_fill, get_norm
+from .roi_losses import FastRCNNLossSettings, ROISamplingSettings, roi_head_losses
 from .rpn import clip_boxes
 
 __all__ = [
@@ -150,8 +151,8 @@ class FastRCNNConvFCHead(nn.Sequential):
 class FastRCNNOutputLayers(nn.Module):
     """cls_score: Linear(D, K+1) and bbox_pred: Linear(D, K*4) (or 4 when class-agnostic).
 
-    Test settings: score_thresh, nms_thresh, topk_per_image. Training settings (for `losses`):
-    smooth_l1_beta, box_reg_loss_type, loss_weight.
+    Test settings: score_thresh, nms_thresh, topk_per_image. Training settings (for the losses):
+    loss_settings (FastRCNNLossSettings).
     """
 
     def __init__(
@@ -164,9 +165,7 @@ class FastRCNNOutputLayers(nn.Module):
         test_nms_thresh: float = 0.5,
         test_topk_per_image: int = 100,
         cls_agnostic_bbox_reg: bool = False,
-        smooth_l1_beta: float = 0.0,
-        box_reg_loss_type: str = "smooth_l1",
-        loss_weight: dict[str, float] | None = None,
+        loss_settings: FastRCNNLossSettings | None = None,
     ) -> None:
         super().__init__()
         if test_topk_per_image <= 0:
@@ -185,9 +184,7 @@ class FastRCNNOutputLayers(nn.Module):
         self.test_score_thresh = float(test_score_thresh)
         self.test_nms_thresh = float(test_nms_thresh)
         self.test_topk_per_image = int(test_topk_per_image)
-        self.smooth_l1_beta = float(smooth_l1_beta)
-        self.box_reg_loss_type = box_reg_loss_type
-        self.loss_weight = dict(loss_weight or {"loss_cls": 1.0, "loss_box_reg": 1.0})
+        self.loss_settings = loss_settings or FastRCNNLossSettings()
 
     @classmethod
     def from_config(cls, cfg, input_dim: int) -> dict:
@@ -200,9 +197,9 @@ class FastRCNNOutputLayers(nn.Module):
             "test_nms_thresh": cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST,
             "test_topk_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             "cls_agnostic_bbox_reg": head.CLS_AGNOSTIC_BBOX_REG,
-            "smooth_l1_beta": head.SMOOTH_L1_BETA,
-            "box_reg_loss_type": head.BBOX_REG_LOSS_TYPE,
-            "loss_weight": {"loss_cls": 1.0, "loss_box_reg": head.BBOX_REG_LOSS_WEIGHT},
+            "loss_settings": FastRCNNLossSettings(
+                smooth_l1_beta=float(head.SMOOTH_L1_BETA), box_reg_loss_type=head.BBOX_REG_LOSS_TYPE,
+                loss_weight={"loss_cls": 1.0, "loss_box_reg": head.BBOX_REG_LOSS_WEIGHT}),
         }
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -266,8 +263,7 @@ class StandardROIHeads(nn.Module):
     Args:
         box_in_features: feature names pooled, e.g. ["p2", "p3", "p4", "p5"].
         box_pooler: ROIPooler; box_head: FastRCNNConvFCHead; box_predictor: FastRCNNOutputLayers.
-        training-only settings (used by `losses`): num_classes, batch_size_per_image, positive_fraction,
-        iou_thresholds, iou_labels, proposal_append_gt.
+        num_classes: K; sampling: how `losses` labels and samples proposals (ROISamplingSettings).
     """
 
     def __init__(
@@ -278,11 +274,7 @@ class StandardROIHeads(nn.Module):
         box_head: FastRCNNConvFCHead,
         box_predictor: FastRCNNOutputLayers,
         num_classes: int,
-        batch_size_per_image: int = 512,
-        positive_fraction: float = 0.25,
-        iou_thresholds: tuple[float, ...] = (0.5,),
-        iou_labels: tuple[int, ...] = (0, 1),
-        proposal_append_gt: bool = True,
+        sampling: ROISamplingSettings | None = None,
     ) -> None:
         super().__init__()
         self.box_in_features = list(box_in_features)
@@ -290,11 +282,7 @@ class StandardROIHeads(nn.Module):
         self.box_head = box_head
         self.box_predictor = box_predictor
         self.num_classes = int(num_classes)
-        self.batch_size_per_image = int(batch_size_per_image)
-        self.positive_fraction = float(positive_fraction)
-        self.iou_thresholds = tuple(iou_thresholds)
-        self.iou_labels = tuple(iou_labels)
-        self.proposal_append_gt = bool(proposal_append_gt)
+        self.sampling = sampling or ROISamplingSettings()
 
     @classmethod
     def from_config(cls, cfg, input_shape: dict[str, ShapeSpec]) -> dict:
@@ -338,11 +326,13 @@ class StandardROIHeads(nn.Module):
             "box_head": box_head,
             "box_predictor": predictor,
             "num_classes": heads.NUM_CLASSES,
-            "batch_size_per_image": heads.BATCH_SIZE_PER_IMAGE,
-            "positive_fraction": heads.POSITIVE_FRACTION,
-            "iou_thresholds": tuple(heads.IOU_THRESHOLDS),
-            "iou_labels": tuple(heads.IOU_LABELS),
-            "proposal_append_gt": heads.PROPOSAL_APPEND_GT,
+            "sampling": ROISamplingSettings(
+                batch_size_per_image=int(heads.BATCH_SIZE_PER_IMAGE),
+                positive_fraction=float(heads.POSITIVE_FRACTION),
+                iou_thresholds=tuple(float(t) for t in heads.IOU_THRESHOLDS),
+                iou_labels=tuple(int(label) for label in heads.IOU_LABELS),
+                proposal_append_gt=bool(heads.PROPOSAL_APPEND_GT),
+            ),
         }
 
     def box_predictions(self, features: dict[str, Tensor], boxes: Tensor) -> tuple[Tensor, Tensor]:
@@ -399,8 +389,6 @@ class StandardROIHeads(nn.Module):
         targets: list[dict[str, Tensor]],
     ) -> dict[str, Tensor]:
         """Label and sample the proposals against the targets, then {"loss_cls", "loss_box_reg"}."""
-        from .roi_losses import roi_head_losses  # provided with the trainer (matching + sampling + losses)
-
         return roi_head_losses(self, features, proposals, num_proposals, image_sizes, targets)
 
 

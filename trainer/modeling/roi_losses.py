@@ -22,7 +22,8 @@ gt deltas = Box2BoxTransform(10, 10, 5, 5).get_deltas(proposal, matched ground-t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -35,9 +36,39 @@ from .rpn_losses import smooth_l1_loss, target_boxes
 from .sampling import subsample_labels
 
 if TYPE_CHECKING:
-    from .roi_heads import FastRCNNOutputLayers, StandardROIHeads
+    from .box_transform import Box2BoxTransform
+    from .roi_heads import StandardROIHeads
 
-__all__ = ["SampledProposals", "fast_rcnn_losses", "label_and_sample_proposals", "roi_head_losses"]
+__all__ = [
+    "FastRCNNLossSettings",
+    "ROISamplingSettings",
+    "SampledProposals",
+    "fast_rcnn_losses",
+    "label_and_sample_proposals",
+    "roi_head_losses",
+]
+
+
+@dataclass(frozen=True)
+class ROISamplingSettings:
+    """How the ROI heads label and sample proposals in training (detectron2 MODEL.ROI_HEADS.*; built by
+    ``StandardROIHeads.from_config``)."""
+
+    batch_size_per_image: int = 512
+    positive_fraction: float = 0.25
+    iou_thresholds: tuple[float, ...] = (0.5,)
+    iou_labels: tuple[int, ...] = (0, 1)
+    proposal_append_gt: bool = True
+
+
+@dataclass(frozen=True)
+class FastRCNNLossSettings:
+    """The box predictor's training-only settings (detectron2 MODEL.ROI_BOX_HEAD.*; built by
+    ``FastRCNNOutputLayers.from_config``). loss_weight: "loss_cls" / "loss_box_reg" -> factor."""
+
+    smooth_l1_beta: float = 0.0
+    box_reg_loss_type: str = "smooth_l1"
+    loss_weight: Mapping[str, float] = field(default_factory=lambda: {"loss_cls": 1.0, "loss_box_reg": 1.0})
 
 
 class SampledProposals(NamedTuple):
@@ -70,21 +101,21 @@ def _target_classes(
 
 
 def label_and_sample_proposals(
-    roi_heads: StandardROIHeads,
+    settings: ROISamplingSettings,
+    num_classes: int,
     proposals: Tensor,
     num_proposals: Tensor,
     targets: Sequence[dict[str, Tensor]],
 ) -> list[SampledProposals]:
     """Steps 1-3 of the module docstring. proposals: Tensor[B, P, 4] (rows >= num_proposals are padding);
     num_proposals: Tensor[B]; targets: per image {"boxes": [G, 4], "classes": [G]} -> one sample per image."""
-    num_classes = roi_heads.num_classes
-    matcher = Matcher(roi_heads.iou_thresholds, roi_heads.iou_labels, allow_low_quality_matches=False)
+    matcher = Matcher(settings.iou_thresholds, settings.iou_labels, allow_low_quality_matches=False)
     gt_boxes = target_boxes(targets, proposals.shape[0], proposals.device)
     gt_classes = _target_classes(targets, gt_boxes, num_classes)
     samples = []
     for i, count in enumerate(num_proposals.tolist()):
         boxes = proposals[i, : int(count)].detach().float()
-        if roi_heads.proposal_append_gt:
+        if settings.proposal_append_gt:
             boxes = torch.cat([boxes, gt_boxes[i]], dim=0)
         matched_idxs, matched_labels = matcher(pairwise_iou(gt_boxes[i], boxes))
         if gt_boxes[i].shape[0] > 0:
@@ -96,7 +127,7 @@ def label_and_sample_proposals(
             classes = torch.full_like(matched_idxs, num_classes)
             matched_boxes = boxes
         fg_idx, bg_idx = subsample_labels(
-            classes, roi_heads.batch_size_per_image, roi_heads.positive_fraction, num_classes
+            classes, settings.batch_size_per_image, settings.positive_fraction, num_classes
         )
         idx = torch.cat([fg_idx, bg_idx], dim=0)
         samples.append(SampledProposals(boxes[idx], classes[idx], matched_boxes[idx]))
@@ -104,7 +135,9 @@ def label_and_sample_proposals(
 
 
 def fast_rcnn_losses(
-    predictor: FastRCNNOutputLayers,
+    settings: FastRCNNLossSettings,
+    box2box_transform: Box2BoxTransform,
+    num_classes: int,
     logits: Tensor,
     deltas: Tensor,
     proposal_boxes: Tensor,
@@ -114,11 +147,11 @@ def fast_rcnn_losses(
     """{"loss_cls", "loss_box_reg"} (module docstring) over N sampled proposals.
 
     logits: Tensor[N, K+1]; deltas: Tensor[N, K*4] (or [N, 4] class-agnostic); proposal_boxes, gt_boxes:
-    Tensor[N, 4]; gt_classes: Tensor[N] int64 in [0, K].
+    Tensor[N, 4]; gt_classes: Tensor[N] int64 in [0, K]; box2box_transform: the predictor's (10, 10, 5, 5).
     """
-    if predictor.box_reg_loss_type != "smooth_l1":
+    if settings.box_reg_loss_type != "smooth_l1":
         raise ConfigError(
-            f"MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE {predictor.box_reg_loss_type!r} is not supported; "
+            f"MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE {settings.box_reg_loss_type!r} is not supported; "
             "use 'smooth_l1'."
         )
     num = gt_classes.numel()
@@ -127,18 +160,17 @@ def fast_rcnn_losses(
     else:
         loss_cls = F.cross_entropy(logits.float(), gt_classes, reduction="mean")
 
-    num_classes = predictor.num_classes
     fg = (gt_classes >= 0) & (gt_classes < num_classes)
     if deltas.shape[1] == 4:  # class-agnostic regression
         fg_deltas = deltas[fg]
     else:
         fg_rows = torch.nonzero(fg, as_tuple=True)[0]
         fg_deltas = deltas.view(num, num_classes, 4)[fg_rows, gt_classes[fg_rows]]
-    gt_deltas = predictor.box2box_transform.get_deltas(proposal_boxes[fg], gt_boxes[fg])
-    loss_box_reg = smooth_l1_loss(fg_deltas.float(), gt_deltas, predictor.smooth_l1_beta, reduction="sum")
+    gt_deltas = box2box_transform.get_deltas(proposal_boxes[fg], gt_boxes[fg])
+    loss_box_reg = smooth_l1_loss(fg_deltas.float(), gt_deltas, settings.smooth_l1_beta, reduction="sum")
     loss_box_reg = loss_box_reg / max(num, 1)
     losses = {"loss_cls": loss_cls, "loss_box_reg": loss_box_reg}
-    return {k: v * predictor.loss_weight.get(k, 1.0) for k, v in losses.items()}
+    return {k: v * settings.loss_weight.get(k, 1.0) for k, v in losses.items()}
 
 
 def roi_head_losses(
@@ -149,13 +181,17 @@ def roi_head_losses(
     image_sizes: Tensor,
     targets: Sequence[dict[str, Tensor]],
 ) -> dict[str, Tensor]:
-    """{"loss_cls", "loss_box_reg"} for the ROI heads in training mode.
+    """{"loss_cls", "loss_box_reg"} for the ROI heads in training mode. Takes the module because it runs its
+    ``box_predictions`` on the sampled proposals; the settings are its ``sampling`` and its predictor's
+    ``loss_settings``.
 
     features: name -> Tensor[B, C, H_l, W_l]; proposals: Tensor[B, P, 4] (rows >= num_proposals padding);
     num_proposals: Tensor[B]; image_sizes: Tensor[B, 2] (unused: proposals are already clipped, ground truth
     is used as given); targets: per image {"boxes": [G, 4], "classes": [G]}.
     """
-    samples = label_and_sample_proposals(roi_heads, proposals, num_proposals, targets)
+    samples = label_and_sample_proposals(
+        roi_heads.sampling, roi_heads.num_classes, proposals, num_proposals, targets
+    )
     counts = [s.boxes.shape[0] for s in samples]
     rows = max(max(counts), 1)  # at least one (padding) row keeps the graph connected when nothing is sampled
     padded = proposals.new_zeros((len(samples), rows, 4), dtype=torch.float32)
@@ -165,8 +201,11 @@ def roi_head_losses(
     valid = torch.arange(rows, device=padded.device).unsqueeze(0) < torch.tensor(
         counts, device=padded.device
     ).unsqueeze(1)
+    predictor = roi_heads.box_predictor
     return fast_rcnn_losses(
-        roi_heads.box_predictor,
+        predictor.loss_settings,
+        predictor.box2box_transform,
+        predictor.num_classes,
         logits[valid],
         deltas[valid],
         torch.cat([s.boxes for s in samples], dim=0),

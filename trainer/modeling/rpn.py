@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from .anchors import DefaultAnchorGenerator, build_anchor_generator
 from .box_transform import Box2BoxTransform
 from .layers import ShapeSpec
+from .rpn_losses import RPNLossSettings, rpn_losses
 
 __all__ = ["RPN", "StandardRPNHead", "build_rpn", "clip_boxes", "find_top_rpn_proposals"]
 
@@ -172,8 +173,7 @@ class RPN(nn.Module):
         nms_thresh: IoU threshold of the per-level NMS.
         pre_nms_topk / post_nms_topk: (train, test) candidates per level before NMS / proposals per image after.
         min_box_size: proposals with clipped width or height <= this are dropped.
-        training-only settings (used by `losses`): iou_thresholds, iou_labels, batch_size_per_image,
-        positive_fraction, loss_weight, anchor_boundary_thresh, box_reg_loss_type, smooth_l1_beta.
+        loss_settings: the training-only settings `losses` uses (RPNLossSettings; defaults: detectron2's).
     """
 
     def __init__(
@@ -187,14 +187,7 @@ class RPN(nn.Module):
         pre_nms_topk: tuple[int, int],
         post_nms_topk: tuple[int, int],
         min_box_size: float = 0.0,
-        iou_thresholds: tuple[float, ...] = (0.3, 0.7),
-        iou_labels: tuple[int, ...] = (0, -1, 1),
-        batch_size_per_image: int = 256,
-        positive_fraction: float = 0.5,
-        loss_weight: dict[str, float] | None = None,
-        anchor_boundary_thresh: float = -1.0,
-        box_reg_loss_type: str = "smooth_l1",
-        smooth_l1_beta: float = 0.0,
+        loss_settings: RPNLossSettings | None = None,
     ) -> None:
         super().__init__()
         self.in_features = list(in_features)
@@ -205,14 +198,7 @@ class RPN(nn.Module):
         self.pre_nms_topk = {True: int(pre_nms_topk[0]), False: int(pre_nms_topk[1])}
         self.post_nms_topk = {True: int(post_nms_topk[0]), False: int(post_nms_topk[1])}
         self.min_box_size = float(min_box_size)
-        self.iou_thresholds = tuple(iou_thresholds)
-        self.iou_labels = tuple(iou_labels)
-        self.batch_size_per_image = int(batch_size_per_image)
-        self.positive_fraction = float(positive_fraction)
-        self.loss_weight = dict(loss_weight or {"loss_rpn_cls": 1.0, "loss_rpn_loc": 1.0})
-        self.anchor_boundary_thresh = float(anchor_boundary_thresh)
-        self.box_reg_loss_type = box_reg_loss_type
-        self.smooth_l1_beta = float(smooth_l1_beta)
+        self.loss_settings = loss_settings or RPNLossSettings()
 
     @classmethod
     def from_config(cls, cfg, input_shape: dict[str, ShapeSpec]) -> dict:
@@ -239,17 +225,19 @@ class RPN(nn.Module):
             "pre_nms_topk": (rpn.PRE_NMS_TOPK_TRAIN, rpn.PRE_NMS_TOPK_TEST),
             "post_nms_topk": (rpn.POST_NMS_TOPK_TRAIN, rpn.POST_NMS_TOPK_TEST),
             "min_box_size": cfg.MODEL.PROPOSAL_GENERATOR.MIN_SIZE,
-            "iou_thresholds": tuple(rpn.IOU_THRESHOLDS),
-            "iou_labels": tuple(rpn.IOU_LABELS),
-            "batch_size_per_image": rpn.BATCH_SIZE_PER_IMAGE,
-            "positive_fraction": rpn.POSITIVE_FRACTION,
-            "loss_weight": {
-                "loss_rpn_cls": rpn.LOSS_WEIGHT,
-                "loss_rpn_loc": rpn.BBOX_REG_LOSS_WEIGHT * rpn.LOSS_WEIGHT,
-            },
-            "anchor_boundary_thresh": rpn.BOUNDARY_THRESH,
-            "box_reg_loss_type": rpn.BBOX_REG_LOSS_TYPE,
-            "smooth_l1_beta": rpn.SMOOTH_L1_BETA,
+            "loss_settings": RPNLossSettings(
+                iou_thresholds=tuple(float(t) for t in rpn.IOU_THRESHOLDS),
+                iou_labels=tuple(int(label) for label in rpn.IOU_LABELS),
+                batch_size_per_image=int(rpn.BATCH_SIZE_PER_IMAGE),
+                positive_fraction=float(rpn.POSITIVE_FRACTION),
+                loss_weight={
+                    "loss_rpn_cls": rpn.LOSS_WEIGHT,
+                    "loss_rpn_loc": rpn.BBOX_REG_LOSS_WEIGHT * rpn.LOSS_WEIGHT,
+                },
+                anchor_boundary_thresh=float(rpn.BOUNDARY_THRESH),
+                box_reg_loss_type=rpn.BBOX_REG_LOSS_TYPE,
+                smooth_l1_beta=float(rpn.SMOOTH_L1_BETA),
+            ),
         }
 
     def predict(self, features: dict[str, Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
@@ -304,9 +292,8 @@ class RPN(nn.Module):
         targets: list[dict[str, Tensor]],
     ) -> dict[str, Tensor]:
         """{"loss_rpn_cls", "loss_rpn_loc"} from the head outputs (shapes as `predict` returns)."""
-        from .rpn_losses import rpn_losses  # provided with the trainer (anchor matching + sampling + losses)
-
-        return rpn_losses(self, anchors, logits, deltas, image_sizes, targets)
+        settings, transform = self.loss_settings, self.box2box_transform
+        return rpn_losses(settings, transform, anchors, logits, deltas, image_sizes, targets)
 
 
 def build_rpn(cfg, input_shape: dict[str, ShapeSpec]) -> RPN:

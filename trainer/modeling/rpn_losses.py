@@ -20,7 +20,8 @@ gt_delta = Box2BoxTransform(1, 1, 1, 1).get_deltas(anchor, matched ground-truth 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,9 +33,29 @@ from .matcher import Matcher, pairwise_iou
 from .sampling import subsample_labels
 
 if TYPE_CHECKING:
-    from .rpn import RPN
+    from .box_transform import Box2BoxTransform
 
-__all__ = ["label_and_sample_anchors", "rpn_losses", "smooth_l1_loss", "target_boxes"]
+__all__ = ["RPNLossSettings", "label_and_sample_anchors", "rpn_losses", "smooth_l1_loss", "target_boxes"]
+
+
+@dataclass(frozen=True)
+class RPNLossSettings:
+    """The RPN's training-only settings (detectron2 MODEL.RPN.*; built by ``RPN.from_config``).
+
+    loss_weight maps "loss_rpn_cls" / "loss_rpn_loc" to their final factor (LOSS_WEIGHT, and
+    BBOX_REG_LOSS_WEIGHT * LOSS_WEIGHT for the box term).
+    """
+
+    iou_thresholds: tuple[float, ...] = (0.3, 0.7)
+    iou_labels: tuple[int, ...] = (0, -1, 1)
+    batch_size_per_image: int = 256
+    positive_fraction: float = 0.5
+    loss_weight: Mapping[str, float] = field(
+        default_factory=lambda: {"loss_rpn_cls": 1.0, "loss_rpn_loc": 1.0}
+    )
+    anchor_boundary_thresh: float = -1.0
+    box_reg_loss_type: str = "smooth_l1"
+    smooth_l1_beta: float = 0.0
 
 
 def smooth_l1_loss(input: Tensor, target: Tensor, beta: float, reduction: str = "sum") -> Tensor:
@@ -80,7 +101,7 @@ def _inside_image(anchors: Tensor, height: Tensor, width: Tensor, boundary_thres
 
 
 def label_and_sample_anchors(
-    rpn: RPN, anchors: Tensor, image_sizes: Tensor, gt_boxes: Sequence[Tensor]
+    settings: RPNLossSettings, anchors: Tensor, image_sizes: Tensor, gt_boxes: Sequence[Tensor]
 ) -> tuple[Tensor, Tensor]:
     """Steps 1-4 of the module docstring.
 
@@ -88,15 +109,17 @@ def label_and_sample_anchors(
     Returns gt_labels Tensor[B, A] int8 (1 sampled foreground, 0 sampled background, -1 not sampled) and
     matched_gt_boxes Tensor[B, A, 4] (the matched ground-truth box of each anchor; 0 for images without any).
     """
-    matcher = Matcher(rpn.iou_thresholds, rpn.iou_labels, allow_low_quality_matches=True)
+    matcher = Matcher(settings.iou_thresholds, settings.iou_labels, allow_low_quality_matches=True)
     sizes = image_sizes.to(device=anchors.device, dtype=anchors.dtype)
     gt_labels, matched_gt_boxes = [], []
     for i, gt_boxes_i in enumerate(gt_boxes):
         matched_idxs, labels = matcher(pairwise_iou(gt_boxes_i, anchors))
-        if rpn.anchor_boundary_thresh >= 0:
-            inside = _inside_image(anchors, sizes[i, 0], sizes[i, 1], rpn.anchor_boundary_thresh)
+        if settings.anchor_boundary_thresh >= 0:
+            inside = _inside_image(anchors, sizes[i, 0], sizes[i, 1], settings.anchor_boundary_thresh)
             labels = torch.where(inside, labels, torch.full_like(labels, -1))
-        pos_idx, neg_idx = subsample_labels(labels, rpn.batch_size_per_image, rpn.positive_fraction, 0)
+        pos_idx, neg_idx = subsample_labels(
+            labels, settings.batch_size_per_image, settings.positive_fraction, 0
+        )
         sampled = torch.full_like(labels, -1)
         sampled[pos_idx] = 1
         sampled[neg_idx] = 0
@@ -109,7 +132,8 @@ def label_and_sample_anchors(
 
 
 def rpn_losses(
-    rpn: RPN,
+    settings: RPNLossSettings,
+    box2box_transform: Box2BoxTransform,
     anchors: list[Tensor],
     logits: list[Tensor],
     deltas: list[Tensor],
@@ -118,29 +142,32 @@ def rpn_losses(
 ) -> dict[str, Tensor]:
     """{"loss_rpn_cls", "loss_rpn_loc"} scalars (module docstring).
 
+    box2box_transform: the RPN's (weights 1, 1, 1, 1).
+
     anchors: per level Tensor[N_l, 4]; logits: per level Tensor[B, N_l]; deltas: per level Tensor[B, N_l, 4]
     (the RPN's `predict` outputs); image_sizes: Tensor[B, 2] (h, w); targets: per image {"boxes": [G, 4]}.
     """
-    if rpn.box_reg_loss_type != "smooth_l1":
+    if settings.box_reg_loss_type != "smooth_l1":
         raise ConfigError(
-            f"MODEL.RPN.BBOX_REG_LOSS_TYPE {rpn.box_reg_loss_type!r} is not supported; use 'smooth_l1'."
+            f"MODEL.RPN.BBOX_REG_LOSS_TYPE {settings.box_reg_loss_type!r} is not supported; use 'smooth_l1'."
         )
     all_anchors = torch.cat(list(anchors), dim=0)
     pred_logits = torch.cat(list(logits), dim=1)  # [B, A]
     pred_deltas = torch.cat(list(deltas), dim=1)  # [B, A, 4]
     num_images = pred_logits.shape[0]
     gt_boxes = target_boxes(targets, num_images, all_anchors.device)
-    gt_labels, matched_gt_boxes = label_and_sample_anchors(rpn, all_anchors, image_sizes, gt_boxes)
+    gt_labels, matched_gt_boxes = label_and_sample_anchors(settings, all_anchors, image_sizes, gt_boxes)
 
     pos_mask = gt_labels == 1  # [B, A]
     fg_anchors = all_anchors.unsqueeze(0).expand(num_images, -1, -1)[pos_mask]
-    gt_deltas = rpn.box2box_transform.get_deltas(fg_anchors, matched_gt_boxes[pos_mask])
-    loss_loc = smooth_l1_loss(pred_deltas[pos_mask].float(), gt_deltas, rpn.smooth_l1_beta, reduction="sum")
+    gt_deltas = box2box_transform.get_deltas(fg_anchors, matched_gt_boxes[pos_mask])
+    beta = settings.smooth_l1_beta
+    loss_loc = smooth_l1_loss(pred_deltas[pos_mask].float(), gt_deltas, beta, reduction="sum")
 
     valid_mask = gt_labels >= 0
     loss_cls = F.binary_cross_entropy_with_logits(
         pred_logits[valid_mask].float(), gt_labels[valid_mask].to(torch.float32), reduction="sum"
     )
-    normalizer = rpn.batch_size_per_image * num_images
+    normalizer = settings.batch_size_per_image * num_images
     losses = {"loss_rpn_cls": loss_cls / normalizer, "loss_rpn_loc": loss_loc / normalizer}
-    return {k: v * rpn.loss_weight.get(k, 1.0) for k, v in losses.items()}
+    return {k: v * settings.loss_weight.get(k, 1.0) for k, v in losses.items()}

@@ -1,14 +1,14 @@
 """polygraphy compare-func for detection outputs (padded, fixed-size, order of tied scores arbitrary).
 
     polygraphy run model.onnx --onnxrt --trt --plugins ... \\
-        --data-loader-script runtime/polygraphy_data_loader.py:load_data \\
-        --compare-func-script runtime/polygraphy_compare.py:compare_outputs
+        --data-loader-script export/polygraphy_data_loader.py:load_data \\
+        --compare-func-script export/polygraphy_compare.py:compare_outputs
 
 Element-wise comparison of ``boxes`` / ``scores`` / ``classes`` is wrong for detections: rows past
 ``num_detections`` are padding, and two backends may order equal scores differently. ``compare_outputs``
-instead checks ``num_detections`` exactly and matches detections as sets (same class, IoU >= FRCNN_MIN_IOU
-(default 0.99), |score delta| <= FRCNN_SCORE_ATOL (default 1e-3)) with
-``frcnn.export.polygraphy_runners.compare_detections``; it returns ``{"num_detections": bool,
+instead checks ``num_detections`` exactly and matches detections as sets (same class, IoU >=
+FRCNN_MIN_IOU, |score delta| <= FRCNN_SCORE_ATOL; defaults and their reason: ``frcnn.runtime.tolerances``,
+CROSS_BACKEND_*) with ``frcnn.export.polygraphy_runners.compare_detections``; it returns ``{"num_detections": bool,
 "detections": bool}`` and prints what did not match. Torch-free.
 """
 
@@ -19,8 +19,8 @@ from collections import OrderedDict
 from typing import Any
 
 import numpy as np
-
-KEYS = ("num_detections", "boxes", "scores", "classes")
+from frcnn.runtime.contract import OUTPUT_NAMES as KEYS
+from frcnn.runtime.tolerances import CROSS_BACKEND_MIN_IOU, CROSS_BACKEND_SCORE_ATOL
 
 
 def _arrays(result: Any) -> dict[str, np.ndarray]:
@@ -38,8 +38,9 @@ def compare_outputs(result0: Any, result1: Any) -> OrderedDict[str, bool]:
         return OrderedDict(detections=False)
     same_num = a["num_detections"].shape == b["num_detections"].shape and bool(
         np.array_equal(a["num_detections"], b["num_detections"]))
-    report = compare_detections(a, b, min_iou=float(os.environ.get("FRCNN_MIN_IOU", "0.99")),
-                                score_atol=float(os.environ.get("FRCNN_SCORE_ATOL", "1e-3")))  # fmt: skip
+    min_iou = float(os.environ.get("FRCNN_MIN_IOU", CROSS_BACKEND_MIN_IOU))
+    score_atol = float(os.environ.get("FRCNN_SCORE_ATOL", CROSS_BACKEND_SCORE_ATOL))
+    report = compare_detections(a, b, min_iou=min_iou, score_atol=score_atol)
     names = (getattr(result0, "runner_name", "?"), getattr(result1, "runner_name", "?"))
     print(f"[frcnn compare] {names[0]} vs {names[1]}: num_detections {a['num_detections'].tolist()} vs "
           f"{b['num_detections'].tolist()}; {report}")

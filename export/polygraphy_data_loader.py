@@ -1,7 +1,7 @@
 """polygraphy data loader: real, pre-processed images for the exported detector.
 
     FRCNN_IMAGES=path/to/images polygraphy run model.onnx --onnxrt \\
-        --data-loader-script runtime/polygraphy_data_loader.py:load_data
+        --data-loader-script export/polygraphy_data_loader.py:load_data
 
 Environment:
 - ``FRCNN_IMAGES``: an image file, a folder of images, or several of them joined by ``os.pathsep``
@@ -21,6 +21,7 @@ import os
 from collections.abc import Iterator
 
 import numpy as np
+from frcnn.runtime.contract import MIN_PADDED_SIDE
 
 
 def _resize_rule() -> tuple[int, int, str, int]:
@@ -56,7 +57,7 @@ def _images() -> list[np.ndarray]:
 
 def load_data() -> Iterator[dict[str, np.ndarray]]:
     """Yield the feeds (see the module docstring)."""
-    from frcnn.runtime.detector import MIN_PADDED_SIDE, pad_to_min_side
+    from frcnn.runtime.detector import pad_to_min_side
     from frcnn.runtime.preprocess import Preprocessor
 
     short, max_size, order, div = _resize_rule()

@@ -8,7 +8,7 @@ Two paths, chosen by the arguments:
 
 Both print a table of AP, AP50, AP75, APs, APm, APl (and per-class AP), computed by pycocotools, and with
 ``--output`` write ``OUT/coco_instances_results.json`` (COCO results format) and ``OUT/metrics.json``
-(metrics in 0..1). This module imports neither torch nor the trainer at import time.
+(metrics in 0..1). This module imports neither torch nor the model at import time.
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from frcnn.runtime.errors import UserError
 from frcnn.runtime.fileio import atomic_write_json
 
-__all__ = ["DEPLOYED_SUFFIXES", "add_parser", "format_table", "run_eval"]
+__all__ = ["DEPLOYED_SUFFIXES", "add_parser", "evaluate_checkpoint", "format_table", "run_eval"]
 
 DEPLOYED_SUFFIXES = (".onnx", ".engine", ".plan")
 MAIN_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -53,6 +54,36 @@ def _write_metrics(output: str, metrics: dict[str, float], extra: dict[str, Any]
     return path
 
 
+def evaluate_checkpoint(config: str, weights: str, data_dir: str, *, split: str = "val",
+                        opts: Sequence[str] = (), output_dir: str | None = None, batch_size: int = 1,
+                        device: str | None = None) -> dict[str, float]:
+    """COCO AP of a checkpoint (the PyTorch path of ``frcnn eval``): config + KEY VALUE overrides, strict load,
+    ``evaluate_model`` on ``data_dir``'s ``split``. Input problems raise UserError naming the fix."""
+    import torch
+    from frcnn.trainer.checkpoint import load_checkpoint
+    from frcnn.trainer.data import load_coco_split
+    from frcnn.trainer.engine import evaluate_model
+    from frcnn.trainer.engine.launch import select_device
+    from frcnn.trainer.modeling import build_model
+    from frcnn.trainer.train_cli import build_config
+
+    cfg = build_config(config, list(opts))
+    if not os.path.isdir(data_dir):
+        raise UserError(f"dataset folder {data_dir} does not exist (expected annotations/instances_"
+                        f"{split}.json and {split}/ inside).")  # fmt: skip
+    dicts, meta = load_coco_split(data_dir, split)
+    if meta.num_classes != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
+        raise UserError(f"the '{split}' split has {meta.num_classes} classes but the config's "
+                        f"MODEL.ROI_HEADS.NUM_CLASSES is {cfg.MODEL.ROI_HEADS.NUM_CLASSES}; pass the config the "
+                        "model was trained with (OUT/config.yaml).")  # fmt: skip
+    dev = select_device(device or cfg.MODEL.DEVICE)
+    model = build_model(cfg).to(dev).eval()
+    load_checkpoint(model, weights, strict=True)
+    with torch.inference_mode():
+        return evaluate_model(model, cfg, dicts, meta, output_dir=output_dir, batch_size=batch_size, device=dev,
+                              num_workers=0)  # fmt: skip
+
+
 def _eval_checkpoint(args: argparse.Namespace) -> dict[str, float]:
     """PyTorch path: build the model from --config, load --weights, evaluate on --data/--split."""
     if not args.config:
@@ -60,15 +91,13 @@ def _eval_checkpoint(args: argparse.Namespace) -> dict[str, float]:
                         "OUT/config.yaml written by `frcnn train`).")  # fmt: skip
     if not os.path.isfile(args.weights):
         raise UserError(f"checkpoint {args.weights} does not exist; pass the .pth / .pkl to evaluate.")
-    from frcnn.trainer.engine.inference import evaluate_checkpoint
-
     return evaluate_checkpoint(args.config, args.weights, args.data, split=args.split, opts=args.opts,
                                output_dir=args.output, batch_size=args.batch_size, device=args.device)  # fmt: skip
 
 
 def _eval_deployed(args: argparse.Namespace) -> dict[str, float]:
     """Deployed path (ONNX / TensorRT; torch-free unless --weights asks for the PyTorch reference too)."""
-    from frcnn.runtime.eval_deployed import run_deployed
+    from frcnn.trainer.eval_deployed import run_deployed
 
     return run_deployed(args, _eval_checkpoint, format_table)
 

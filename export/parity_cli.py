@@ -25,9 +25,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from frcnn.runtime.contract import MIN_PADDED_SIDE
+from frcnn.runtime.contract import OUTPUT_NAMES as RAW_OUTPUTS
 from frcnn.runtime.errors import UserError
-
-RAW_OUTPUTS = ("num_detections", "boxes", "scores", "classes")
+from frcnn.runtime.tolerances import PARITY_BOX_ATOL, PARITY_MIN_IOU, PARITY_SCORE_ATOL
 
 
 def _base_runner() -> Any:
@@ -111,7 +112,7 @@ def class_count_problems(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray
 
 def load_feeds(images_dir: str, backend: Any, batch: int, limit: int | None) -> list[dict[str, np.ndarray]]:
     """Pre-processed batches of the images in ``images_dir`` (resize rule from the deployed model)."""
-    from frcnn.runtime.detector import MIN_PADDED_SIDE, pad_to_min_side, parse_metadata
+    from frcnn.runtime.detector import pad_to_min_side, parse_metadata
     from frcnn.runtime.infer_cli import collect_images, read_rgb
     from frcnn.runtime.preprocess import Preprocessor
 
@@ -203,9 +204,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt"))
     parser.add_argument("--batch", type=int, default=1, help="images per batch (default 1)")
     parser.add_argument("--max-images", type=int, default=None, help="compare at most this many images")
-    parser.add_argument("--box-atol", type=float, default=1e-2, help="box tolerance in pixels (default 0.01)")
-    parser.add_argument("--score-atol", type=float, default=1e-4, help="score tolerance (default 1e-4)")
-    parser.add_argument("--min-iou", type=float, default=0.999, help="IoU for a detection match (default 0.999)")
+    parser.add_argument("--box-atol", type=float, default=PARITY_BOX_ATOL,
+                        help=f"box tolerance in pixels (default {PARITY_BOX_ATOL:g})")
+    parser.add_argument("--score-atol", type=float, default=PARITY_SCORE_ATOL,
+                        help=f"score tolerance (default {PARITY_SCORE_ATOL:g})")
+    parser.add_argument("--min-iou", type=float, default=PARITY_MIN_IOU,
+                        help=f"IoU for a detection match (default {PARITY_MIN_IOU:g})")
     parser.add_argument("--strict-raw", action="store_true",
                         help="also fail on raw boxes/scores/classes row differences (not only num_detections)")
     parser.add_argument("--opts", nargs="*", default=[], metavar="KEY VALUE", help="config overrides")
