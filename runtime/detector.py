@@ -110,8 +110,13 @@ class Detector:
     def __init__(self, path: str | os.PathLike[str], backend: str = "auto", device: int = 0, providers: Any = None,
                  max_batch: int | None = None, input_format: str = "BGR",
                  **backend_options: Any) -> None:  # fmt: skip
-        if max_batch is not None and int(max_batch) < 1:
-            raise UserError(f"max_batch must be >= 1, got {max_batch}")
+        if not isinstance(path, (str, os.PathLike)):
+            raise UserError(f"Detector takes the path of an exported model (str or pathlib.Path), got a "
+                            f"{type(path).__name__}")
+        _check_max_batch(max_batch)
+        if input_format not in ("BGR", "RGB"):
+            raise UserError(f"input_format must be 'BGR' (OpenCV) or 'RGB' (Pillow), got {input_format!r}")
+        self._closed = False
         self.path = os.fspath(path)
         self.backend: Backend = create_backend(self.path, backend, device=device, providers=providers,
                                                max_batch=max_batch, **backend_options)  # fmt: skip
@@ -133,6 +138,9 @@ class Detector:
 
     def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
         """Detect on a list of images, ``max_batch`` at a time (an empty list gives an empty list)."""
+        if self._closed:
+            raise UserError(f"this Detector was closed (close() or the end of its `with` block) and cannot be used "
+                            f"again; create a new one: Detector({self.path!r})")
         results: list[Detections] = []
         for start in range(0, len(images), self.max_batch):
             feed, original_sizes = self.preprocess(images[start:start + self.max_batch])
@@ -155,7 +163,8 @@ class Detector:
                 for b, s, c in postprocess_batch(outputs, image_sizes, original_sizes)]  # fmt: skip
 
     def close(self) -> None:
-        """Free the backend (the Detector cannot be used afterwards)."""
+        """Free the backend (the Detector cannot be used afterwards; closing twice is harmless)."""
+        self._closed = True
         self.backend.deactivate()
 
     def __enter__(self) -> Self:
@@ -163,6 +172,14 @@ class Detector:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_max_batch(max_batch: Any) -> None:
+    """UserError unless ``max_batch`` is None or a whole number >= 1 (not a bool, float or string)."""
+    if max_batch is None:
+        return
+    if isinstance(max_batch, (bool, np.bool_)) or not isinstance(max_batch, (int, np.integer)) or max_batch < 1:
+        raise UserError(f"max_batch must be a whole number >= 1 (or None for the model's own), got {max_batch!r}")
 
 
 def pad_to_min_side(images: np.ndarray, min_side: int, divisibility: int) -> np.ndarray:
