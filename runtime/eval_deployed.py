@@ -19,7 +19,7 @@ def evaluate_deployed(model_path: str, data_dir: str, split: str = "val", output
                       batch_size: int = 1, backend: str = "auto") -> dict[str, float]:  # fmt: skip
     """COCO bbox metrics (0..1) of the deployed model on ``data_dir``'s ``split``."""
     from frcnn.runtime.detector import Detector
-    from frcnn.runtime.infer_cli import read_rgb
+    from frcnn.runtime.image_io import read_rgb
     from frcnn.trainer.data.coco import load_coco_split
     from frcnn.trainer.evaluation import COCOEvaluator
 
