@@ -54,6 +54,14 @@ def format_delta(deployed: dict[str, float], reference: dict[str, float]) -> str
 
 def run_deployed(args: Any, eval_checkpoint: Any, format_table: Any) -> dict[str, float]:
     """``frcnn eval MODEL ...``: deployed metrics; with ``--weights`` also PyTorch's and the delta table."""
+    from frcnn.runtime.backends import check_model_file
+    from frcnn.runtime.infer_output import check_output_folder
+
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_model_file(args.model)
+    if args.output:
+        check_output_folder(args.output)
     metrics = evaluate_deployed(args.model, args.data, args.split, args.output, args.batch_size)
     if args.weights:
         output, args.output = args.output, None  # the deployed model's results JSON is the one written

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Self
 
 from frcnn.runtime.errors import UserError
@@ -107,6 +107,18 @@ def plan_outputs(output: str, inputs: Sequence[str], images: Sequence[str], name
         raise UserError(f"--output {display(output)} already holds {shown}, not written by frcnn infer; nothing "
                         "was overwritten: pass a new or empty --output folder, or move those files away")
     return ours
+
+
+def check_output_file(path: str, flag: str, written_by_us: Callable[[str], bool]) -> None:
+    """UserError unless ``path`` can be written: not a folder, its folder creatable and writable, and an
+    existing file only if ``written_by_us(path)`` says this tool wrote it. Creates nothing."""
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {display(path)} is a folder; pass a file path")
+    folder = os.path.dirname(os.path.abspath(path))
+    check_output_folder(folder)
+    if os.path.lexists(path) and not written_by_us(path):
+        raise UserError(f"{flag} {display(path)} exists and was not written by frcnn; nothing was overwritten: "
+                        f"pass another {flag} path, or move the file away")
 
 
 class OutputFolder:
