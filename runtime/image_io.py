@@ -41,7 +41,7 @@ from frcnn.runtime.errors import UserError
 from frcnn.runtime.preprocess import max_image_side, too_large_message
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["ImageError", "probe_image", "read_image", "read_rgb"]
+__all__ = ["ImageError", "display", "probe_image", "read_image", "read_rgb"]
 
 #: Modes converted with Pillow's ``convert("RGB")`` (alpha, where present, is dropped).
 RGB_CONVERTIBLE = frozenset({"1", "L", "P", "RGB", "RGBX", "YCbCr", "LAB", "HSV", "CMYK",
@@ -56,6 +56,11 @@ class ImageError(UserError):
     """An image file that cannot be used: missing, unreadable, corrupt, unsupported mode, too large."""
 
 
+def display(path: str) -> str:
+    """``path`` printable as UTF-8 (undecodable bytes of a file name shown as ``\\xNN``) for messages."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 @contextlib.contextmanager
 def _without_pillow_bomb_limit() -> Iterator[None]:
     """Pillow's global decompression-bomb check off while this thread opens a file (our limit replaces it)."""
@@ -67,10 +72,11 @@ def _without_pillow_bomb_limit() -> Iterator[None]:
             Image.MAX_IMAGE_PIXELS = saved
 
 
-def _os_error(path: str, exc: OSError) -> ImageError:
+def _os_error(file: str, exc: OSError) -> ImageError:
+    path = display(file)
     if isinstance(exc, FileNotFoundError):
         return ImageError(f"image file {path} does not exist; check the path")
-    if isinstance(exc, IsADirectoryError) or os.path.isdir(path):
+    if isinstance(exc, IsADirectoryError) or os.path.isdir(file):
         return ImageError(f"{path} is a folder, not an image file; pass the image files (or the folder, on "
                           "the command line)")  # fmt: skip
     if isinstance(exc, PermissionError) or exc.errno == errno.EACCES:
@@ -86,12 +92,12 @@ def _open(path: str) -> Iterator[Image.Image]:
         with _without_pillow_bomb_limit():
             image = Image.open(path)
     except UnidentifiedImageError:
-        raise ImageError(f"cannot read image {path}: not an image file Pillow knows (corrupt, or another "
+        raise ImageError(f"cannot read image {display(path)}: not an image file Pillow knows (corrupt, or another "
                          "format); replace the file or leave it out") from None  # fmt: skip
     except OSError as exc:
         raise _os_error(path, exc) from None
     except (SyntaxError, ValueError) as exc:
-        raise ImageError(f"cannot read image {path}: corrupt header ({exc}); replace the file or leave it "
+        raise ImageError(f"cannot read image {display(path)}: corrupt header ({exc}); replace the file or leave it "
                          "out") from None  # fmt: skip
     with image:
         yield image
@@ -100,17 +106,17 @@ def _open(path: str) -> Iterator[Image.Image]:
 def _check_header(path: str, image: Image.Image) -> tuple[int, int]:
     w, h = image.size
     if w < 1 or h < 1:
-        raise ImageError(f"image {path} is empty ({w}x{h} pixels); replace the file or leave it out")
+        raise ImageError(f"image {display(path)} is empty ({w}x{h} pixels); replace the file or leave it out")
     limit = max_image_side()
     if max(w, h) > limit:
-        raise ImageError(too_large_message(f"image {path}", h, w, limit))
+        raise ImageError(too_large_message(f"image {display(path)}", h, w, limit))
     if image.mode not in RGB_CONVERTIBLE and image.mode not in SIXTEEN_BIT:
         kind = {"I": "32-bit integer", "F": "32-bit float"}.get(image.mode, "unsupported")
-        raise ImageError(f"image {path} has Pillow mode {image.mode!r} ({kind} pixels) with no standard "
+        raise ImageError(f"image {display(path)} has Pillow mode {image.mode!r} ({kind} pixels) with no standard "
                          "0..255 scale; convert it to 8-bit RGB or grayscale (or 16-bit grayscale) first")
     frames = getattr(image, "n_frames", 1)
     if frames > 1:
-        raise ImageError(f"image {path} has {frames} frames (animated or multi-page); the detector takes one "
+        raise ImageError(f"image {display(path)} has {frames} frames (animated or multi-page); the detector takes one "
                          "picture: extract the frame you want into its own file")
     return w, h
 
@@ -159,11 +165,11 @@ def read_image(path: str | os.PathLike[str], image_format: str = "RGB") -> np.nd
         raise
     except OSError as exc:
         if exc.errno is None:  # Pillow's decoder errors: truncated or broken data
-            raise ImageError(f"cannot read image {path}: {exc} (the file is truncated or corrupt); replace the "
+            raise ImageError(f"cannot read image {display(path)}: {exc} (the file is truncated or corrupt); replace the "
                              "file or leave it out") from None  # fmt: skip
         raise _os_error(path, exc) from None
     except (SyntaxError, ValueError, EOFError, IndexError, KeyError, struct.error) as exc:  # broken EXIF / data
-        raise ImageError(f"cannot read image {path}: corrupt data ({exc}); replace the file or leave it "
+        raise ImageError(f"cannot read image {display(path)}: corrupt data ({exc}); replace the file or leave it "
                          "out") from None  # fmt: skip
     if image_format == "BGR":
         rgb = rgb[:, :, ::-1]

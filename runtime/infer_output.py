@@ -22,15 +22,11 @@ from typing import Self
 
 from frcnn.runtime.errors import UserError
 from frcnn.runtime.fileio import atomic_write_json
+from frcnn.runtime.image_io import display
 
 #: Hidden file in ``--output`` naming the files ``frcnn infer`` wrote there (they may be replaced later).
 MANIFEST = ".frcnn-infer.json"
 RESULTS = "results.json"
-
-
-def display(path: str) -> str:
-    """``path`` printable as UTF-8 (undecodable bytes of a file name shown as ``\\xNN``)."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _existing_ancestor(path: str) -> str:
@@ -43,17 +39,17 @@ def _existing_ancestor(path: str) -> str:
     return current
 
 
-def check_output_folder(output: str) -> None:
+def check_output_folder(output: str, flag: str = "--output") -> None:
     """UserError unless ``output`` is (or can be created as) a writable folder. Creates nothing."""
     if os.path.lexists(output) and not os.path.isdir(output):
-        raise UserError(f"--output {display(output)} is an existing file, not a folder; pass a folder path (it is "
+        raise UserError(f"{flag} {display(output)} is an existing file, not a folder; pass a folder path (it is "
                         "created if missing)")  # fmt: skip
     anchor = _existing_ancestor(output)
     if not os.path.isdir(anchor):
-        raise UserError(f"--output {display(output)} cannot be created: {display(anchor)} is a file, not a "
+        raise UserError(f"{flag} {display(output)} cannot be created: {display(anchor)} is a file, not a "
                         "folder; pass a folder path")  # fmt: skip
     if not os.access(anchor, os.W_OK | os.X_OK):
-        what = "--output folder" if anchor == os.path.abspath(output) else f"folder {display(anchor)}"
+        what = f"{flag} folder" if anchor == os.path.abspath(output) else f"folder {display(anchor)}"
         raise UserError(f"cannot write into the {what} (permission denied or a read-only file system); pass "
                         "an --output folder you can write to")  # fmt: skip
 
@@ -115,7 +111,10 @@ def check_output_file(path: str, flag: str, written_by_us: Callable[[str], bool]
     if os.path.isdir(path):
         raise UserError(f"{flag} {display(path)} is a folder; pass a file path")
     folder = os.path.dirname(os.path.abspath(path))
-    check_output_folder(folder)
+    if os.path.lexists(folder) and not os.path.isdir(folder):
+        raise UserError(f"{flag} {display(path)} cannot be created: {display(folder)} is a file, not a folder; "
+                        "pass another path")  # fmt: skip
+    check_output_folder(folder, f"the folder of {flag}")
     if os.path.lexists(path) and not written_by_us(path):
         raise UserError(f"{flag} {display(path)} exists and was not written by frcnn; nothing was overwritten: "
                         f"pass another {flag} path, or move the file away")
