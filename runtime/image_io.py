@@ -15,7 +15,9 @@ detectron2's ``read_image`` does. Pillow modes are handled deliberately (docs/ru
   to 8-bit ``RGB`` keeping the high byte, ``v >> 8``.)
 - 32-bit integer or float (``I``, ``F``) and anything else: refused, naming the mode (their value range has
   no standard 0..255 meaning);
-- several frames (animated GIF / WebP / PNG, multi-page TIFF): refused, naming the frame count.
+- several frames (animated GIF / WebP / PNG, multi-page TIFF): refused, naming the frame count. Camera
+  JPEGs in MPO form (a photo plus previews / depth maps, common from phones) are read as their first frame,
+  the photo itself, which is what every JPEG viewer shows.
 
 Size: the header is checked against :func:`frcnn.runtime.preprocess.max_image_side` (20000 px per side,
 ``FRCNN_MAX_IMAGE_SIDE`` raises it) **before** any pixel is decoded, so a huge file is refused without the
@@ -115,7 +117,7 @@ def _check_header(path: str, image: Image.Image) -> tuple[int, int]:
         raise ImageError(f"image {display(path)} has Pillow mode {image.mode!r} ({kind} pixels) with no standard "
                          "0..255 scale; convert it to 8-bit RGB or grayscale (or 16-bit grayscale) first")
     frames = getattr(image, "n_frames", 1)
-    if frames > 1:
+    if frames > 1 and image.format != "MPO":  # MPO: a camera JPEG; frame 0 is the photo, the rest previews
         raise ImageError(f"image {display(path)} has {frames} frames (animated or multi-page); the detector takes one "
                          "picture: extract the frame you want into its own file")
     return w, h

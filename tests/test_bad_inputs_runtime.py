@@ -333,6 +333,22 @@ def test_modes_follow_the_documented_table(mode: str, tmp_path: Path) -> None:
         np.testing.assert_array_equal(got, np.asarray(image)[:, :, :3])  # alpha dropped, not composited
 
 
+def test_exif_on_16_bit_and_mpo_first_frame(tmp_path: Path) -> None:
+    a = np.arange(6, dtype=np.uint16).reshape(2, 3) * 10000
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    Image.fromarray(a).save(tmp_path / "e16.png", exif=exif)
+    expected = np.floor(np.rot90(a, -1) / 257 + 0.5).astype(np.uint8)
+    np.testing.assert_array_equal(read_image(tmp_path / "e16.png")[:, :, 1], expected)
+    photo = np.random.default_rng(4).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    Image.fromarray(photo).save(tmp_path / "p.jpg", format="MPO", save_all=True,
+                                append_images=[Image.new("RGB", (16, 16), "white")])  # fmt: skip
+    with Image.open(tmp_path / "p.jpg") as f:
+        assert f.format == "MPO" and f.n_frames == 2
+        first = np.asarray(f.convert("RGB"))
+    np.testing.assert_array_equal(read_image(tmp_path / "p.jpg"), first)
+
+
 def test_normal_images_are_decoded_in_full_not_drafted(tmp_path: Path) -> None:
     """Exactness: a large JPEG is decoded at full resolution (no Image.draft), bit-identical to plain Pillow."""
     rng = np.random.default_rng(2)
