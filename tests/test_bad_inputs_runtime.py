@@ -223,6 +223,10 @@ CASES: list[tuple[str, Builder, tuple[str, ...]]] = [
     ("read-corrupt", lambda t, m, mp: _call(read_image, _write(t / "c.png", b"\x89PNG\r\n\x1a\nxx")), ("cannot read",)),
     ("read-truncated", lambda t, m, mp: _call(read_image, _truncated_png(t / "t.png")), ("truncated",)),
     ("read-bad-format", lambda t, m, mp: _call(read_image, _png(t / "a.png"), "BGRA"), ("'BGRA'",)),
+    ("dataset-corrupt-image-header", lambda t, m, mp: _call(_load_dataset, _dataset(t, b"junk")),
+     ("1 of 2 images", "b.png", "cannot read image")),
+    ("dataset-float-image", lambda t, m, mp: _call(_load_dataset, _dataset(t, np.zeros((20, 40), np.float32))),
+     ("mode 'F'",)),
     ("read-huge-header", lambda t, m, mp: _call(read_image, _huge_png_header(t / "h.png", 20001, 10)),
      ("20001x10", "FRCNN_MAX_IMAGE_SIDE")),
 ]  # fmt: skip
@@ -231,6 +235,27 @@ CASES: list[tuple[str, Builder, tuple[str, ...]]] = [
 def _call(fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
     """``fn(*args)`` later; the arguments (files) are made now, before the snapshot."""
     return lambda: fn(*args)
+
+
+def _dataset(tmp: Path, second: bytes | np.ndarray) -> Path:
+    """A 2-image COCO dataset whose second image file is ``second`` (bytes, or an array saved as TIFF data)."""
+    (tmp / "imgs").mkdir()
+    _png(tmp / "imgs" / "a.png", 20, 40)
+    if isinstance(second, bytes):
+        _write(tmp / "imgs" / "b.png", second)
+    else:
+        Image.fromarray(second).save(tmp / "imgs" / "b.png", format="TIFF")
+    images = [{"id": i + 1, "file_name": n, "width": 40, "height": 20} for i, n in enumerate(["a.png", "b.png"])]
+    anns = [{"id": i + 1, "image_id": i + 1, "bbox": [2, 2, 10, 10], "category_id": 1, "iscrowd": 0} for i in range(2)]
+    data = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "box"}]}
+    _write(tmp / "train.json", json.dumps(data).encode())
+    return tmp
+
+
+def _load_dataset(root: Path) -> Any:
+    from frcnn.trainer.data.coco import load_coco_json
+
+    return load_coco_json(root / "train.json", root / "imgs")
 
 
 def _write(path: Path, data: bytes) -> Path:
