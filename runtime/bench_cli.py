@@ -24,6 +24,7 @@ from frcnn.runtime.backends import check_model_file, resolve_backend
 from frcnn.runtime.errors import UserError
 from frcnn.runtime.fileio import atomic_write_json, atomic_writer
 from frcnn.runtime.infer_output import check_output_file
+from frcnn.runtime.preprocess import max_image_side, too_large_message
 
 STAGES = ("preprocess", "inference", "postprocess")
 #: PNG "Software" text of the plots frcnn bench draws (so a later run may replace them, and nothing else).
@@ -141,6 +142,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError("--batch and --iters must be >= 1, --warmup >= 0, --size positive; got --batch "
                         f"{args.batch} --iters {args.iters} --warmup {args.warmup} --size {args.size[0]} "
                         f"{args.size[1]}")  # fmt: skip
+    limit = max_image_side()
+    if max(args.size) > limit:
+        raise UserError(too_large_message("--size", args.size[0], args.size[1], limit))
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be >= 1 (or left out for ONNX Runtime's default), got {args.threads}")
     check_model_file(args.model)

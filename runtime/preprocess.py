@@ -121,7 +121,8 @@ def _check_shape(img: np.ndarray) -> np.ndarray:
     if img.ndim == 2:
         img = img[:, :, None]
     if img.ndim != 3:
-        raise UserError(f"image must have shape (H, W, 3) (or (H, W) grayscale), got shape {img.shape}")
+        hint = "; for a batch array [B, H, W, 3] pass list(batch)" if img.ndim == 4 else ""
+        raise UserError(f"image must have shape (H, W, 3) (or (H, W) grayscale), got shape {img.shape}{hint}")
     h, w, c = img.shape
     if c not in (1, 3):
         hint = ""

@@ -185,6 +185,8 @@ CASES: list[tuple[str, Builder, tuple[str, ...]]] = [
                                                 str(_write(t / "f", b"x")) + "/p.png"], ("is a file",)),
     ("bench-json-equals-plot", lambda t, m, mp: ["bench", m, "--json", str(t / "b"), "--plot", str(t / "b")],
      ("same file",)),
+    ("bench-size-over-limit", lambda t, m, mp: ["bench", m, "--size", "100000", "100000", "--json", str(t / "b")],
+     ("--size", "FRCNN_MAX_IMAGE_SIDE")),
     ("bench-model-folder", lambda t, m, mp: ["bench", str(t), "--json", str(t / "b.json")], ("is a folder",)),
     # --- frcnn eval MODEL (deployed path)
     ("eval-batch-size-0", lambda t, m, mp: ["eval", m, "--data", str(t), "--batch-size", "0"], ("--batch-size",)),
@@ -210,6 +212,7 @@ CASES: list[tuple[str, Builder, tuple[str, ...]]] = [
                                                                       np.zeros((8, 8, 4), np.uint8)]),
      ("image 1 (0-based", "4 channels")),
     ("api-channels-first", lambda t, m, mp: lambda: _detector(m)(np.zeros((3, 20, 30), np.uint8)), ("channels-first",)),
+    ("api-batch-array", lambda t, m, mp: lambda: _detector(m)(np.zeros((2, 8, 8, 3), np.uint8)), ("list(batch)",)),
     ("api-not-array", lambda t, m, mp: lambda: _detector(m)("image.png"), ("numpy image",)),
     ("api-nested-list", lambda t, m, mp: lambda: _detector(m)([[1, 2, 3]]), ("numpy array",)),
     ("api-nonfinite-outputs", lambda t, m, mp: lambda: unpad(1, np.full((2, 4), np.inf, np.float32),
