@@ -493,3 +493,23 @@ def test_odd_but_valid_arrays_match_the_plain_image(model: str) -> None:
     np.testing.assert_array_equal(gray.scores, det(np.repeat(img[:, :, :1], 3, axis=2)).scores)
     det.close()
     det.close()  # closing twice is harmless
+
+
+def test_real_sigint_mid_run_subprocess(model: str, tmp_path: Path) -> None:
+    """A real SIGINT (sent by the process to itself while writing its 2nd PNG): exit 130, one line, no
+    traceback, no output folder and no temp file left."""
+    import subprocess
+    import sys
+
+    images = _images(tmp_path, 3)
+    before = _snapshot(tmp_path)
+    code = ("import os, signal, sys\nfrom frcnn.runtime import infer_cli\nfrom frcnn.runtime.cli import main\n"
+            "orig, calls = infer_cli._atomic_save, []\n"
+            "def save(image, path):\n    calls.append(path)\n    orig(image, path)\n"
+            "    if len(calls) == 2:\n        os.kill(os.getpid(), signal.SIGINT)\n"
+            "infer_cli._atomic_save = save\n"
+            f"sys.exit(main(['infer', {model!r}, {str(images)!r}, '--output', {str(tmp_path / 'out')!r}]))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 130, res.stderr
+    assert "Traceback" not in res.stderr and "interrupted" in res.stderr
+    assert _snapshot(tmp_path) == before
