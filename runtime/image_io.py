@@ -36,7 +36,8 @@ import errno
 import os
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import numpy as np
 from frcnn.runtime.errors import UserError
@@ -51,7 +52,8 @@ RGB_CONVERTIBLE = frozenset({"1", "L", "P", "RGB", "RGBX", "YCbCr", "LAB", "HSV"
 #: 16-bit gray modes, scaled by round(v / 257).
 SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 _FORMATS = ("BGR", "RGB")
-_PILLOW_LIMIT_LOCK = threading.Lock()
+_PILLOW_LIMIT_LOCK = threading.RLock()  # re-entrant: a retry holds it while opening again
+T = TypeVar("T")
 
 
 class ImageError(UserError):
@@ -123,6 +125,33 @@ def _check_header(path: str, image: Image.Image) -> tuple[int, int]:
     return w, h
 
 
+@contextlib.contextmanager
+def _errors_named(path: str) -> Iterator[None]:
+    """Pillow's and the OS's exceptions while reading ``path`` -> ImageError naming the file and the fix."""
+    try:
+        yield
+    except ImageError:
+        raise
+    except OSError as exc:
+        if exc.errno is None:  # Pillow's decoder errors: truncated or broken data
+            raise ImageError(f"cannot read image {display(path)}: {exc} (the file is truncated or corrupt); "
+                             "replace the file or leave it out") from None  # fmt: skip
+        raise _os_error(path, exc) from None
+    except (SyntaxError, ValueError, EOFError, IndexError, KeyError, struct.error) as exc:  # broken EXIF / data
+        raise ImageError(f"cannot read image {display(path)}: corrupt data ({exc}); replace the file or leave "
+                         "it out") from None  # fmt: skip
+
+
+def _beyond_pillow_limit(read: Callable[[], T]) -> T:
+    """``read()``; again with Pillow's bomb check off if a later step (frames, decoding) trips it: our
+    header limit has already been applied."""
+    try:
+        return read()
+    except Image.DecompressionBombError:
+        with _without_pillow_bomb_limit():
+            return read()
+
+
 def probe_image(path: str | os.PathLike[str]) -> tuple[int, int]:
     """``(width, height)`` after checking the header only (exists, readable, known format, supported mode,
     one frame, within the size limit); no pixels are decoded. The EXIF orientation is not applied.
@@ -130,12 +159,13 @@ def probe_image(path: str | os.PathLike[str]) -> tuple[int, int]:
     Raises:
         ImageError: naming the file and the problem.
     """
-    path = os.fspath(path)
-    try:
-        with _open(path) as image:
-            return _check_header(path, image)
-    except OSError as exc:  # n_frames may read further than the header
-        raise _os_error(path, exc) from None
+    name = os.fspath(path)
+
+    def probe() -> tuple[int, int]:
+        with _errors_named(name), _open(name) as image:
+            return _check_header(name, image)
+
+    return _beyond_pillow_limit(probe)
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:
@@ -158,21 +188,14 @@ def read_image(path: str | os.PathLike[str], image_format: str = "RGB") -> np.nd
     if image_format not in _FORMATS:
         raise UserError(f"image format {image_format!r} is not supported; use 'BGR' (detectron2's default) or "
                         "'RGB'")  # fmt: skip
-    path = os.fspath(path)
-    try:
-        with _open(path) as image:
-            _check_header(path, image)
-            rgb = _to_rgb(ImageOps.exif_transpose(image))
-    except ImageError:
-        raise
-    except OSError as exc:
-        if exc.errno is None:  # Pillow's decoder errors: truncated or broken data
-            raise ImageError(f"cannot read image {display(path)}: {exc} (the file is truncated or corrupt); replace the "
-                             "file or leave it out") from None  # fmt: skip
-        raise _os_error(path, exc) from None
-    except (SyntaxError, ValueError, EOFError, IndexError, KeyError, struct.error) as exc:  # broken EXIF / data
-        raise ImageError(f"cannot read image {display(path)}: corrupt data ({exc}); replace the file or leave it "
-                         "out") from None  # fmt: skip
+    name = os.fspath(path)
+
+    def read() -> np.ndarray:
+        with _errors_named(name), _open(name) as image:
+            _check_header(name, image)
+            return _to_rgb(ImageOps.exif_transpose(image))
+
+    rgb = _beyond_pillow_limit(read)
     if image_format == "BGR":
         rgb = rgb[:, :, ::-1]
     return np.ascontiguousarray(rgb)

@@ -96,6 +96,12 @@ def test_pillow_bomb_limit_is_replaced_by_ours(tmp_path: Path, monkeypatch: pyte
     with pytest.raises(Image.DecompressionBombError):
         Image.open(tmp_path / "n.png")
     assert read_image(tmp_path / "n.png").shape == (64, 64, 3)
+    ims = [Image.fromarray(np.full((64, 64, 3), (40 * i, 0, 0), np.uint8)) for i in range(3)]
+    ims[0].save(tmp_path / "one.gif")
+    ims[0].save(tmp_path / "three.gif", save_all=True, append_images=ims[1:])  # frames are checked after open
+    np.testing.assert_array_equal(read_image(tmp_path / "one.gif"), np.asarray(ims[0]))
+    with pytest.raises(image_io.ImageError, match="3 frames"):
+        read_image(tmp_path / "three.gif")
     assert Image.MAX_IMAGE_PIXELS == 100
     monkeypatch.setenv("FRCNN_MAX_IMAGE_SIDE", "64")
     assert image_io.probe_image(tmp_path / "n.png") == (64, 64)  # the limit is inclusive
