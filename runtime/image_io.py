@@ -120,8 +120,8 @@ def _check_header(path: str, image: Image.Image) -> tuple[int, int]:
                          "0..255 scale; convert it to 8-bit RGB or grayscale (or 16-bit grayscale) first")
     frames = getattr(image, "n_frames", 1)
     if frames > 1 and image.format != "MPO":  # MPO: a camera JPEG; frame 0 is the photo, the rest previews
-        raise ImageError(f"image {display(path)} has {frames} frames (animated or multi-page); the detector takes one "
-                         "picture: extract the frame you want into its own file")
+        raise ImageError(f"image {display(path)} has {frames} frames (animated or multi-page); the detector "
+                         "takes one picture: extract the frame you want into its own file")
     return w, h
 
 

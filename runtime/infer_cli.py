@@ -160,8 +160,8 @@ def _run(args: argparse.Namespace, detector: Any, files: list[str], names: list[
         for k, rgb, dets in zip(chunk, images, detector(images) if images else []):
             keep = dets.scores >= args.score_threshold
             labels = [detector.class_names[int(c)] for c in dets.classes[keep]]
-            drawn = draw_detections(rgb, dets.boxes[keep], [f"{n} {s:.2f}" for n, s in zip(labels, dets.scores[keep])],
-                                    dets.classes[keep])  # fmt: skip
+            texts = [f"{n} {s:.2f}" for n, s in zip(labels, dets.scores[keep])]
+            drawn = draw_detections(rgb, dets.boxes[keep], texts, dets.classes[keep])
             out_path = folder.path(names[k])
             _atomic_save(drawn, out_path)
             results += _entries(files[k], k + 1, dets, labels, keep)
