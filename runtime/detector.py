@@ -143,16 +143,20 @@ class Detector:
                             f"again; create a new one: Detector({self.path!r})")
         results: list[Detections] = []
         for start in range(0, len(images), self.max_batch):
-            feed, original_sizes = self.preprocess(images[start:start + self.max_batch])
+            feed, original_sizes = self.preprocess(images[start:start + self.max_batch], start, len(images))
             outputs = self.backend.infer(feed)
             results += self.postprocess(outputs, feed["image_sizes"], original_sizes)
         return results
 
-    def preprocess(self, images: Sequence[np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """Images -> (feed {images uint8 [B, 3, H, W], image_sizes int32 [B, 2]}, original sizes int32 [B, 2])."""
+    def preprocess(self, images: Sequence[np.ndarray], first_index: int = 0,
+                   total: int | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:  # fmt: skip
+        """Images -> (feed {images uint8 [B, 3, H, W], image_sizes int32 [B, 2]}, original sizes int32 [B, 2]).
+
+        ``first_index`` / ``total``: where these images sit in the caller's list (for error messages).
+        """
         if len(images) == 0:
             raise UserError("no images given: pass at least one image")
-        batch = self.preprocessor(list(images))
+        batch = self.preprocessor(list(images), first_index, total)
         padded = pad_to_min_side(batch["images"], MIN_PADDED_SIDE, self.info.size_divisibility)
         return {"images": padded, "image_sizes": batch["image_sizes"]}, batch["original_sizes"]
 

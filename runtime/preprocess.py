@@ -223,18 +223,21 @@ class Preprocessor:
         newh, neww = resize_shortest_edge_size(img.shape[0], img.shape[1], self.short_edge, self.max_size)
         return resize_image(img, newh, neww)
 
-    def __call__(self, images: Sequence[Any]) -> dict[str, np.ndarray]:
+    def __call__(self, images: Sequence[Any], first_index: int = 0, total: int | None = None) -> dict[str, np.ndarray]:
+        """Pre-process a list of images; a bad one is reported with its 0-based position ``first_index + i``
+        in the caller's list of ``total`` (default: this list) images."""
         if isinstance(images, np.ndarray):
             raise UserError("Preprocessor takes a list of images; wrap a single image as [image]")
+        total = len(images) if total is None else total
         originals = []
         resized = []
         for i, img in enumerate(images):
             try:
                 out = self.preprocess_one(img)
             except UserError as exc:
-                if len(images) == 1:
+                if total == 1:
                     raise
-                raise type(exc)(f"image {i} (0-based position in the list of {len(images)}): {exc}") from None
+                raise type(exc)(f"image {first_index + i} (0-based position in the list of {total}): {exc}") from None
             originals.append(np.shape(img)[:2])
             resized.append(out)
         batch, image_sizes = batch_images(resized, self.size_divisibility)

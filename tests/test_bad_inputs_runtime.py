@@ -164,6 +164,9 @@ CASES: list[tuple[str, Builder, tuple[str, ...]]] = [
     ("api-bad-image-position", lambda t, m, mp: lambda: _detector(m)([np.zeros((8, 8, 3), np.uint8),
                                                                       np.zeros((8, 8, 4), np.uint8)]),
      ("image 1 (0-based", "4 channels")),
+    ("api-bad-image-position-across-batches", lambda t, m, mp: lambda: Detector(m, max_batch=2)(
+        [np.zeros((8, 8, 3), np.uint8)] * 4 + [np.zeros((8, 8), np.float64)]),
+     ("image 4 (0-based position in the list of 5)", "float64")),
     ("api-channels-first", lambda t, m, mp: lambda: _detector(m)(np.zeros((3, 20, 30), np.uint8)), ("channels-first",)),
     ("api-batch-array", lambda t, m, mp: lambda: _detector(m)(np.zeros((2, 8, 8, 3), np.uint8)), ("list(batch)",)),
     ("api-not-array", lambda t, m, mp: lambda: _detector(m)("image.png"), ("numpy image",)),
