@@ -41,6 +41,8 @@ def _existing_ancestor(path: str) -> str:
 
 def check_output_folder(output: str, flag: str = "--output") -> None:
     """UserError unless ``output`` is (or can be created as) a writable folder. Creates nothing."""
+    if not output.strip():
+        raise UserError(f"{flag} is empty; pass a folder path")
     if os.path.lexists(output) and not os.path.isdir(output):
         raise UserError(f"{flag} {display(output)} is an existing file, not a folder; pass a folder path (it is "
                         "created if missing)")  # fmt: skip
@@ -108,6 +110,8 @@ def plan_outputs(output: str, inputs: Sequence[str], images: Sequence[str], name
 def check_output_file(path: str, flag: str, written_by_us: Callable[[str], bool]) -> None:
     """UserError unless ``path`` can be written: not a folder, its folder creatable and writable, and an
     existing file only if ``written_by_us(path)`` says this tool wrote it. Creates nothing."""
+    if not path.strip():
+        raise UserError(f"{flag} is empty; pass a file path")
     if os.path.isdir(path):
         raise UserError(f"{flag} {display(path)} is a folder; pass a file path")
     folder = os.path.dirname(os.path.abspath(path))

@@ -113,6 +113,7 @@ CASES: list[tuple[str, Builder, tuple[str, ...]]] = [
     ("infer-non-utf8-name", lambda t, m, mp: _infer(t, m, inputs=[write_bytes_name(t, b"bad\xff.png", b"xx")]),
      ("bad\\xff.png",)),
     # --- output folder (checked before the model loads; the user's files are never replaced)
+    ("infer-output-empty", lambda t, m, mp: _infer(t, m, out=" "), ("--output is empty",)),
     ("infer-output-is-file", lambda t, m, mp: _infer(t, m, out=str(write(t / "o.txt", b"keep"))),
      ("existing file", "not a folder")),
     ("infer-output-under-file", lambda t, m, mp: _infer(t, m, out=str(write(t / "f", b"x")) + "/sub/out"),
@@ -140,6 +141,7 @@ CASES: list[tuple[str, Builder, tuple[str, ...]]] = [
      ("same file",)),
     ("bench-size-over-limit", lambda t, m, mp: ["bench", m, "--size", "100000", "100000", "--json", str(t / "b")],
      ("--size", "FRCNN_MAX_IMAGE_SIDE")),
+    ("bench-json-empty", lambda t, m, mp: ["bench", m, "--json", ""], ("--json is empty",)),
     ("bench-model-folder", lambda t, m, mp: ["bench", str(t), "--json", str(t / "b.json")], ("is a folder",)),
     # --- frcnn eval MODEL (deployed path)
     ("eval-batch-size-0", lambda t, m, mp: ["eval", m, "--data", str(t), "--batch-size", "0"], ("--batch-size",)),
