@@ -113,7 +113,8 @@ def class_count_problems(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray
 def load_feeds(images_dir: str, backend: Any, batch: int, limit: int | None) -> list[dict[str, np.ndarray]]:
     """Pre-processed batches of the images in ``images_dir`` (resize rule from the deployed model)."""
     from frcnn.runtime.detector import pad_to_min_side, parse_metadata
-    from frcnn.runtime.infer_cli import collect_images, read_rgb
+    from frcnn.runtime.image_io import read_rgb
+    from frcnn.runtime.infer_cli import collect_images
     from frcnn.runtime.preprocess import Preprocessor
 
     files = collect_images([images_dir])[:limit]

@@ -45,7 +45,8 @@ def _resize_rule() -> tuple[int, int, str, int]:
 
 def _images() -> list[np.ndarray]:
     """RGB uint8 images named by FRCNN_IMAGES (or one synthetic image)."""
-    from frcnn.runtime.infer_cli import collect_images, read_rgb
+    from frcnn.runtime.image_io import read_rgb
+    from frcnn.runtime.infer_cli import collect_images
 
     spec = os.environ.get("FRCNN_IMAGES")
     if not spec:

@@ -6,21 +6,29 @@ batch), inference (the backend call only), post-processing (unpad, scale, clip).
 p99 per call, throughput in images/s and each stage's share; writes all numbers as JSON
 (``--json``, default ``bench.json``) and optionally a bar chart (matplotlib when installed, else drawn with
 Pillow). No accelerator timing is invented: the JSON names the backend and its providers.
+Arguments, the model file and both output paths are checked before the model loads; an existing ``--json`` /
+``--plot`` is replaced only if frcnn bench wrote it (a bench JSON; a PNG whose "Software" text says so).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import time
 from typing import Any
 
 import numpy as np
+from frcnn.runtime.backends import check_model_file, resolve_backend
 from frcnn.runtime.errors import UserError
-from frcnn.runtime.fileio import atomic_write_json
+from frcnn.runtime.fileio import atomic_write_json, atomic_writer
+from frcnn.runtime.infer_output import check_output_file
+from frcnn.runtime.preprocess import max_image_side, too_large_message
 
 STAGES = ("preprocess", "inference", "postprocess")
+#: PNG "Software" text of the plots frcnn bench draws (so a later run may replace them, and nothing else).
+PLOT_SOFTWARE = "frcnn bench"
 
 
 def synthetic_image(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -85,26 +93,67 @@ def plot(result: dict[str, Any], path: str) -> str:
     percentiles = [result["latency_ms"][k] for k in ("p50", "p90", "p99")]
     values = [result["stages"][s]["mean_ms"] for s in STAGES] + percentiles
     title = f"{os.path.basename(result['model'])} [{result['backend']}] batch {result['batch']} (ms)"
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    try:
-        import matplotlib
+    with atomic_writer(path, "wb") as f:
+        try:
+            import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 4))
-        ax.bar(labels, values, color=["#4c72b0"] * 3 + ["#dd8452"] * 3)
-        ax.set_ylabel("ms")
-        ax.set_title(title)
-        fig.tight_layout()
-        fig.savefig(tmp)
-        plt.close(fig)
-        used = "matplotlib"
-    except ImportError:
-        _pillow_bars(labels, values, title).save(tmp, format="PNG")
-        used = "pillow"
-    os.replace(tmp, path)
+            fig, ax = plt.subplots(figsize=(7, 4))
+            ax.bar(labels, values, color=["#4c72b0"] * 3 + ["#dd8452"] * 3)
+            ax.set_ylabel("ms")
+            ax.set_title(title)
+            fig.tight_layout()
+            fig.savefig(f, format="png", metadata={"Software": PLOT_SOFTWARE})
+            plt.close(fig)
+            used = "matplotlib"
+        except ImportError:
+            from PIL.PngImagePlugin import PngInfo
+
+            info = PngInfo()
+            info.add_text("Software", PLOT_SOFTWARE)
+            _pillow_bars(labels, values, title).save(f, format="PNG", pnginfo=info)
+            used = "pillow"
     return used
+
+
+def _is_bench_json(path: str) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        return isinstance(data, dict) and "raw_seconds" in data and "latency_ms" in data
+    except (OSError, ValueError):
+        return False
+
+
+def _is_bench_plot(path: str) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return getattr(image, "text", {}).get("Software") == PLOT_SOFTWARE
+    except (OSError, ValueError, SyntaxError):
+        return False
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.batch < 1 or args.iters < 1 or args.warmup < 0 or min(args.size) < 1:
+        raise UserError("--batch and --iters must be >= 1, --warmup >= 0, --size positive; got --batch "
+                        f"{args.batch} --iters {args.iters} --warmup {args.warmup} --size {args.size[0]} "
+                        f"{args.size[1]}")  # fmt: skip
+    limit = max_image_side()
+    if max(args.size) > limit:
+        raise UserError(too_large_message("--size", args.size[0], args.size[1], limit))
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be >= 1 (or left out for ONNX Runtime's default), got {args.threads}")
+    check_model_file(args.model)
+    resolve_backend(args.model, args.backend)
+    check_output_file(args.json, "--json", _is_bench_json)
+    if args.plot:
+        check_output_file(args.plot, "--plot", _is_bench_plot)
+    if args.plot and os.path.abspath(args.plot) == os.path.abspath(args.json):
+        raise UserError("--json and --plot name the same file; pass two different paths")
 
 
 def _pillow_bars(labels: list[str], values: list[float], title: str) -> Any:
@@ -130,8 +179,7 @@ def _pillow_bars(labels: list[str], values: list[float], title: str) -> Any:
 def run_bench(args: argparse.Namespace) -> int:
     from frcnn.runtime.detector import Detector
 
-    if args.batch < 1 or args.iters < 1 or args.warmup < 0 or min(args.size) < 1:
-        raise UserError("--batch and --iters must be >= 1, --warmup >= 0, --size positive")
+    _check_args(args)
     options = {"intra_op_threads": args.threads} if args.threads else {}
     detector = Detector(args.model, backend=args.backend, max_batch=args.batch, **options)
     h, w = args.size

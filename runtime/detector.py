@@ -109,8 +109,13 @@ class Detector:
     def __init__(self, path: str | os.PathLike[str], backend: str = "auto", device: int = 0, providers: Any = None,
                  max_batch: int | None = None, input_format: str = "BGR",
                  **backend_options: Any) -> None:  # fmt: skip
-        if max_batch is not None and int(max_batch) < 1:
-            raise UserError(f"max_batch must be >= 1, got {max_batch}")
+        if not isinstance(path, (str, os.PathLike)):
+            raise UserError(f"Detector takes the path of an exported model (str or pathlib.Path), got a "
+                            f"{type(path).__name__}")
+        _check_max_batch(max_batch)
+        if input_format not in ("BGR", "RGB"):
+            raise UserError(f"input_format must be 'BGR' (OpenCV) or 'RGB' (Pillow), got {input_format!r}")
+        self._closed = False
         self.path = os.fspath(path)
         self.backend: Backend = create_backend(self.path, backend, device=device, providers=providers,
                                                max_batch=max_batch, **backend_options)  # fmt: skip
@@ -132,18 +137,25 @@ class Detector:
 
     def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
         """Detect on a list of images, ``max_batch`` at a time (an empty list gives an empty list)."""
+        if self._closed:
+            raise UserError(f"this Detector was closed (close() or the end of its `with` block) and cannot be used "
+                            f"again; create a new one: Detector({self.path!r})")
         results: list[Detections] = []
         for start in range(0, len(images), self.max_batch):
-            feed, original_sizes = self.preprocess(images[start:start + self.max_batch])
+            feed, original_sizes = self.preprocess(images[start:start + self.max_batch], start, len(images))
             outputs = self.backend.infer(feed)
             results += self.postprocess(outputs, feed["image_sizes"], original_sizes)
         return results
 
-    def preprocess(self, images: Sequence[np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """Images -> (feed {images uint8 [B, 3, H, W], image_sizes int32 [B, 2]}, original sizes int32 [B, 2])."""
+    def preprocess(self, images: Sequence[np.ndarray], first_index: int = 0,
+                   total: int | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:  # fmt: skip
+        """Images -> (feed {images uint8 [B, 3, H, W], image_sizes int32 [B, 2]}, original sizes int32 [B, 2]).
+
+        ``first_index`` / ``total``: where these images sit in the caller's list (for error messages).
+        """
         if len(images) == 0:
             raise UserError("no images given: pass at least one image")
-        batch = self.preprocessor(list(images))
+        batch = self.preprocessor(list(images), first_index, total)
         padded = pad_to_min_side(batch["images"], MIN_PADDED_SIDE, self.info.size_divisibility)
         return {"images": padded, "image_sizes": batch["image_sizes"]}, batch["original_sizes"]
 
@@ -154,7 +166,8 @@ class Detector:
                 for b, s, c in postprocess_batch(outputs, image_sizes, original_sizes)]  # fmt: skip
 
     def close(self) -> None:
-        """Free the backend (the Detector cannot be used afterwards)."""
+        """Free the backend (the Detector cannot be used afterwards; closing twice is harmless)."""
+        self._closed = True
         self.backend.deactivate()
 
     def __enter__(self) -> Self:
@@ -162,6 +175,14 @@ class Detector:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_max_batch(max_batch: Any) -> None:
+    """UserError unless ``max_batch`` is None or a whole number >= 1 (not a bool, float or string)."""
+    if max_batch is None:
+        return
+    if isinstance(max_batch, (bool, np.bool_)) or not isinstance(max_batch, (int, np.integer)) or max_batch < 1:
+        raise UserError(f"max_batch must be a whole number >= 1 (or None for the model's own), got {max_batch!r}")
 
 
 def pad_to_min_side(images: np.ndarray, min_side: int, divisibility: int) -> np.ndarray:

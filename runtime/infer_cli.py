@@ -5,50 +5,93 @@ Writes, into ``--output``:
   background (Pillow ImageDraw);
 - ``results.json``: COCO results format ``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"}]``
   (``image_id`` = 1-based position of the image in the run, ``category_id`` = class index + 1), each entry
-  also naming ``file_name`` and ``category_name``.
+  also naming ``file_name`` and ``category_name``;
+- ``.frcnn-infer.json``: the files frcnn infer wrote there (only those may be replaced by a later run).
 Detections below ``--score-threshold`` (default 0.5) are neither drawn nor written. Torch-free.
+
+Order of work: the arguments, the model file, every image header and the output folder are checked before
+the model loads and before anything is created (:mod:`frcnn.runtime.infer_output` has the output policy).
+An image whose header is fine but whose pixels cannot be decoded (truncated data) is skipped and reported:
+the others are written with a complete results.json, and the run exits with status 2 naming the skipped
+images. Any other failure (model error, full disk, Ctrl-C) removes what the run had written.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from frcnn.runtime.backends import check_model_file, resolve_backend
 from frcnn.runtime.errors import UserError
 from frcnn.runtime.fileio import atomic_write_json, atomic_writer
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from frcnn.runtime.image_io import ImageError, probe_image, read_rgb
+from frcnn.runtime.infer_output import RESULTS, OutputFolder, display, plan_outputs
+from PIL import Image, ImageDraw, ImageFont
+
+__all__ = ["IMAGE_SUFFIXES", "add_parser", "collect_images", "draw_detections", "read_rgb", "run_infer"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
            (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40), (128, 0, 0)]  # fmt: skip
 
 
+def _list_folder(folder: str) -> list[str]:
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError as exc:
+        raise UserError(f"cannot list folder {display(folder)}: {exc.strerror or exc}; fix its permissions "
+                        "or leave it out") from None  # fmt: skip
+    found = []
+    for name in names:
+        path = os.path.join(folder, name)
+        if not name.lower().endswith(IMAGE_SUFFIXES) or os.path.isdir(path):
+            continue
+        if not os.path.isfile(path):
+            raise UserError(f"{display(path)} in folder {display(folder)} is a broken or looping symbolic link "
+                            "(or not a regular file); fix or remove it")  # fmt: skip
+        found.append(path)
+    return found
+
+
 def collect_images(inputs: Sequence[str]) -> list[str]:
-    """Image files named directly or found (non-recursively, sorted) in the given folders."""
+    """Image files named directly or found (non-recursively, sorted) in the given folders.
+
+    Raises UserError for a missing input, a folder without images, a broken symbolic link among a folder's
+    images, or a file listed twice (directly or through its folder).
+    """
     files: list[str] = []
     for item in inputs:
         if os.path.isdir(item):
-            found = sorted(os.path.join(item, f) for f in os.listdir(item) if f.lower().endswith(IMAGE_SUFFIXES))
+            found = _list_folder(item)
             if not found:
-                raise UserError(f"folder {item} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+                raise UserError(f"folder {display(item)} holds no images ({', '.join(IMAGE_SUFFIXES)})")
             files += found
         elif os.path.isfile(item):
             files.append(item)
         else:
-            raise UserError(f"input {item} is neither an image file nor a folder; check the path")
+            raise UserError(f"input {display(item)} is neither an image file nor a folder; check the path")
+    seen: dict[str, str] = {}
+    for path in files:
+        real = os.path.realpath(path)
+        if real in seen:
+            raise UserError(f"image {display(path)} is given twice (also as {display(seen[real])}); name each "
+                            "image once (a folder already includes its images)")  # fmt: skip
+        seen[real] = path
     return files
 
 
-def read_rgb(path: str) -> np.ndarray:
-    """uint8 [H, W, 3] RGB with EXIF orientation applied (as the trainer reads images)."""
-    try:
-        with Image.open(path) as f:
-            return np.asarray(ImageOps.exif_transpose(f).convert("RGB"))
-    except (OSError, SyntaxError) as exc:
-        raise UserError(f"cannot read image {path}: {exc}; replace the file or leave it out") from None
+def _probe_all(files: Sequence[str]) -> None:
+    for k, path in enumerate(files, 1):
+        try:
+            probe_image(path)
+        except ImageError as exc:
+            where = f"image {k} of {len(files)}: " if len(files) > 1 else ""
+            raise ImageError(f"{where}{exc}") from None
 
 
 def draw_detections(rgb: np.ndarray, boxes: np.ndarray, labels: Sequence[str], classes: np.ndarray) -> Image.Image:
@@ -75,49 +118,88 @@ def _atomic_save(image: Image.Image, path: str) -> None:
         image.save(f, format="PNG")
 
 
-def _atomic_json(obj: Any, path: str) -> None:
-    atomic_write_json(path, obj)
-
-
 def _out_name(path: str, used: set[str]) -> str:
     stem = os.path.splitext(os.path.basename(path))[0]
     name, k = f"{stem}.png", 1
-    while name in used:
+    while name in used or name == RESULTS:
         name, k = f"{stem}_{k}.png", k + 1
     used.add(name)
     return name
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    if args.batch < 1:
+        raise UserError(f"--batch must be >= 1, got {args.batch}")
+    if not (math.isfinite(args.score_threshold) and 0.0 <= args.score_threshold <= 1.0):
+        raise UserError(f"--score-threshold must be a number in [0, 1], got {args.score_threshold}")
+    check_model_file(args.model)
+    resolve_backend(args.model, args.backend)
+
+
+def _entries(path: str, image_id: int, dets: Any, names: list[str], keep: np.ndarray) -> list[dict[str, Any]]:
+    out = []
+    for box, score, cls, name in zip(dets.boxes[keep], dets.scores[keep], dets.classes[keep], names):
+        x1, y1, x2, y2 = (float(v) for v in box)
+        out.append({"image_id": image_id, "file_name": display(path), "category_id": int(cls) + 1,
+                    "category_name": name, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})  # fmt: skip
+    return out
+
+
+def _run(args: argparse.Namespace, detector: Any, files: list[str], names: list[str], folder: OutputFolder,
+         failed: list[str]) -> list[dict[str, Any]]:  # fmt: skip
+    results: list[dict[str, Any]] = []
+    for start in range(0, len(files), args.batch):
+        chunk, images = [], []
+        for k in range(start, min(start + args.batch, len(files))):
+            try:
+                images.append(read_rgb(files[k]))
+                chunk.append(k)
+            except ImageError as exc:
+                failed.append(f"image {k + 1} of {len(files)}: {exc}")
+                print(f"skipped {failed[-1]}", file=sys.stderr)
+        for k, rgb, dets in zip(chunk, images, detector(images) if images else []):
+            keep = dets.scores >= args.score_threshold
+            labels = [detector.class_names[int(c)] for c in dets.classes[keep]]
+            texts = [f"{n} {s:.2f}" for n, s in zip(labels, dets.scores[keep])]
+            drawn = draw_detections(rgb, dets.boxes[keep], texts, dets.classes[keep])
+            out_path = folder.path(names[k])
+            _atomic_save(drawn, out_path)
+            results += _entries(files[k], k + 1, dets, labels, keep)
+            print(f"{display(files[k])}: {int(keep.sum())} detection(s) -> {display(out_path)}")
+    return results
+
+
 def run_infer(args: argparse.Namespace) -> int:
     from frcnn.runtime.detector import Detector
 
+    _check_args(args)
     files = collect_images(args.inputs)
-    os.makedirs(args.output, exist_ok=True)
-    if args.batch < 1:
-        raise UserError(f"--batch must be >= 1, got {args.batch}")
-    detector = Detector(args.model, backend=args.backend, max_batch=args.batch, input_format="RGB")
-    results: list[dict[str, Any]] = []
+    _probe_all(files)
     used: set[str] = set()
-    for start in range(0, len(files), args.batch):
-        chunk = files[start:start + args.batch]
-        images = [read_rgb(f) for f in chunk]
-        for k, (path, rgb, dets) in enumerate(zip(chunk, images, detector(images))):
-            keep = dets.scores >= args.score_threshold
-            boxes, scores, classes = dets.boxes[keep], dets.scores[keep], dets.classes[keep]
-            names = [detector.class_names[int(c)] for c in classes]
-            labels = [f"{n} {s:.2f}" for n, s in zip(names, scores)]
-            out_path = os.path.join(args.output, _out_name(path, used))
-            _atomic_save(draw_detections(rgb, boxes, labels, classes), out_path)
-            image_id = start + k + 1
-            for box, score, cls, name in zip(boxes, scores, classes, names):
-                x1, y1, x2, y2 = (float(v) for v in box)
-                results.append({"image_id": image_id, "file_name": path, "category_id": int(cls) + 1,
-                                "category_name": name, "bbox": [x1, y1, x2 - x1, y2 - y1],
-                                "score": float(score)})  # fmt: skip
-            print(f"{path}: {len(scores)} detection(s) -> {out_path}")
-    json_path = os.path.join(args.output, "results.json")
-    _atomic_json(results, json_path)
-    print(f"wrote {json_path} ({len(results)} detections on {len(files)} image(s))")
+    names = [_out_name(f, used) for f in files]
+    previous = plan_outputs(args.output, args.inputs, files, names)
+    detector = Detector(args.model, backend=args.backend, max_batch=args.batch, input_format="RGB")
+    failed: list[str] = []
+    try:
+        with OutputFolder(args.output, previous) as folder:
+            results = _run(args, detector, files, names, folder, failed)
+            if len(failed) == len(files):
+                raise UserError(f"no image could be read, nothing was written: {'; '.join(failed)}")
+            json_path = folder.path(RESULTS)
+            atomic_write_json(json_path, results)
+            folder.finish()
+    except KeyboardInterrupt:
+        print("frcnn infer: interrupted; the files this run had written were removed", file=sys.stderr)
+        raise
+    except OSError as exc:  # full disk, file system gone read-only, ...
+        raise UserError(f"cannot write into --output {display(args.output)}: {exc.strerror or exc}; the files "
+                        "this run had written were removed: free space or pick another folder") from None
+    finally:
+        detector.close()
+    print(f"wrote {display(json_path)} ({len(results)} detections on {len(files) - len(failed)} image(s))")
+    if failed:
+        raise UserError(f"{len(failed)} of {len(files)} image(s) could not be read and were skipped "
+                        f"({'; '.join(failed)}); results.json holds the others")
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from frcnn.runtime.errors import UserError
 
 Detections = tuple[np.ndarray, np.ndarray, np.ndarray]
 
@@ -23,15 +24,20 @@ def unpad(num: int, boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray) 
         boxes: ``[K, 4]``; scores: ``[K]``; classes: ``[K]`` (rows ``>= num`` are padding).
     Returns:
         boxes float32 ``[num, 4]``, scores float32 ``[num]``, classes int64 ``[num]``.
+    Raises:
+        UserError: ``num`` outside ``[0, K]`` or non-finite values in the valid rows (a broken model: refused
+            rather than drawn as garbage).
     """
     n = int(num)
     if not 0 <= n <= boxes.shape[0]:
-        raise ValueError(f"num_detections {n} is outside [0, {boxes.shape[0]}]")
-    return (
-        np.asarray(boxes[:n], dtype=np.float32),
-        np.asarray(scores[:n], dtype=np.float32),
-        np.asarray(classes[:n], dtype=np.int64),
-    )
+        raise UserError(f"the model returned num_detections {n}, outside [0, {boxes.shape[0]}]: its outputs are "
+                        "malformed; use a model exported by `frcnn export`")
+    b, s = np.asarray(boxes[:n], dtype=np.float32), np.asarray(scores[:n], dtype=np.float32)
+    if not (np.isfinite(b).all() and np.isfinite(s).all()):
+        raise UserError("the model returned non-finite (NaN or infinite) boxes or scores: its weights or the "
+                        "engine are broken (e.g. an fp16 overflow); re-export the model, and check it with "
+                        "`frcnn parity`")
+    return b, s, np.asarray(classes[:n], dtype=np.int64)
 
 
 def detector_postprocess(

@@ -19,6 +19,7 @@ rounding or rescaling rule would hide mistakes such as passing 0..1 floats.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,9 +27,33 @@ import numpy as np
 from frcnn.runtime.errors import UserError
 from PIL import Image
 
-#: Largest accepted image side in pixels; beyond it the image is refused (a 20000x20000 BGR image is 1.2 GB).
+#: Largest accepted image side in pixels (arrays and image files); beyond it the image is refused (a
+#: 20000x20000 BGR image is 1.2 GB). The environment variable ``FRCNN_MAX_IMAGE_SIDE`` raises or lowers it.
 MAX_IMAGE_SIDE = 20000
+MAX_IMAGE_SIDE_ENV = "FRCNN_MAX_IMAGE_SIDE"
 _FORMATS = ("BGR", "RGB")
+
+
+def max_image_side() -> int:
+    """``MAX_IMAGE_SIDE``, or the positive integer in ``$FRCNN_MAX_IMAGE_SIDE`` when that is set."""
+    value = os.environ.get(MAX_IMAGE_SIDE_ENV, "").strip()
+    if not value:
+        return MAX_IMAGE_SIDE
+    try:
+        side = int(value)
+    except ValueError:
+        side = 0
+    if side < 1:
+        raise UserError(f"{MAX_IMAGE_SIDE_ENV}={value!r} is not a positive whole number of pixels; "
+                        f"unset it (default {MAX_IMAGE_SIDE}) or set e.g. {MAX_IMAGE_SIDE_ENV}=40000")
+    return side
+
+
+def too_large_message(what: str, h: int, w: int, limit: int) -> str:
+    """The refusal for an image with a side above ``limit`` (arrays and files share it)."""
+    return (f"{what} is {w}x{h} pixels (WxH), larger than the supported {limit} pixels per side; downscale it "
+            f"first (the detector resizes to about 800x1333 anyway), or raise the limit with the environment "
+            f"variable {MAX_IMAGE_SIDE_ENV}=N (decoding needs about 3*W*H bytes of memory)")
 
 
 def resize_shortest_edge_size(h: int, w: int, short_edge: int, max_size: int) -> tuple[int, int]:
@@ -96,7 +121,8 @@ def _check_shape(img: np.ndarray) -> np.ndarray:
     if img.ndim == 2:
         img = img[:, :, None]
     if img.ndim != 3:
-        raise UserError(f"image must have shape (H, W, 3) (or (H, W) grayscale), got shape {img.shape}")
+        hint = "; for a batch array [B, H, W, 3] pass list(batch)" if img.ndim == 4 else ""
+        raise UserError(f"image must have shape (H, W, 3) (or (H, W) grayscale), got shape {img.shape}{hint}")
     h, w, c = img.shape
     if c not in (1, 3):
         hint = ""
@@ -107,11 +133,9 @@ def _check_shape(img: np.ndarray) -> np.ndarray:
         raise UserError(f"image must have 3 channels (H, W, 3), got shape {img.shape} ({c} channels){hint}")
     if h == 0 or w == 0:
         raise UserError(f"image is empty: shape {img.shape}; pass an image with at least 1x1 pixels")
-    if max(h, w) > MAX_IMAGE_SIDE:
-        raise UserError(
-            f"image of shape {img.shape} is larger than the supported {MAX_IMAGE_SIDE} pixels per side; "
-            "downscale it first (the detector resizes to ~800x1333 anyway)"
-        )
+    limit = max_image_side()
+    if max(h, w) > limit:
+        raise UserError(too_large_message(f"image of shape {img.shape}", h, w, limit))
     if c == 1:
         img = np.repeat(img, 3, axis=2)
     return img
@@ -126,7 +150,7 @@ def validate_image(img: Any, input_format: str = "BGR", model_format: str = "BGR
         model_format: channel order the model expects (detectron2 ``INPUT.FORMAT``; "BGR" for R-50 models).
     Raises:
         UserError: wrong type or dtype (float, with or without NaN), wrong rank or channel count, empty image,
-            a side above ``MAX_IMAGE_SIDE``, or an unknown format name.
+            a side above ``max_image_side()``, or an unknown format name.
     """
     for name, fmt in (("input_format", input_format), ("model_format", model_format)):
         if fmt not in _FORMATS:
@@ -189,13 +213,21 @@ class Preprocessor:
         newh, neww = resize_shortest_edge_size(img.shape[0], img.shape[1], self.short_edge, self.max_size)
         return resize_image(img, newh, neww)
 
-    def __call__(self, images: Sequence[Any]) -> dict[str, np.ndarray]:
+    def __call__(self, images: Sequence[Any], first_index: int = 0, total: int | None = None) -> dict[str, np.ndarray]:
+        """Pre-process a list of images; a bad one is reported with its 0-based position ``first_index + i``
+        in the caller's list of ``total`` (default: this list) images."""
         if isinstance(images, np.ndarray):
             raise UserError("Preprocessor takes a list of images; wrap a single image as [image]")
+        total = len(images) if total is None else total
         originals = []
         resized = []
-        for img in images:
-            out = self.preprocess_one(img)
+        for i, img in enumerate(images):
+            try:
+                out = self.preprocess_one(img)
+            except UserError as exc:
+                if total == 1:
+                    raise
+                raise type(exc)(f"image {first_index + i} (0-based position in the list of {total}): {exc}") from None
             originals.append(np.shape(img)[:2])
             resized.append(out)
         batch, image_sizes = batch_images(resized, self.size_divisibility)

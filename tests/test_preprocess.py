@@ -209,7 +209,7 @@ def test_unpad_and_postprocess_batch():
     np.testing.assert_array_equal(res[0][0], [[0, 0, 32, 16]])
     np.testing.assert_array_equal(res[0][2], [3])
     assert res[1][0].shape == (0, 4) and res[1][1].shape == (0,)
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError, match="num_detections 3"):
         unpad(3, outputs["boxes"][0], outputs["scores"][0], outputs["classes"][0])
 
 

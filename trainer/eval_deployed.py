@@ -19,7 +19,7 @@ def evaluate_deployed(model_path: str, data_dir: str, split: str = "val", output
                       batch_size: int = 1, backend: str = "auto") -> dict[str, float]:  # fmt: skip
     """COCO bbox metrics (0..1) of the deployed model on ``data_dir``'s ``split``."""
     from frcnn.runtime.detector import Detector
-    from frcnn.runtime.infer_cli import read_rgb
+    from frcnn.runtime.image_io import read_rgb
     from frcnn.trainer.data.coco import load_coco_split
     from frcnn.trainer.evaluation import COCOEvaluator
 
@@ -54,6 +54,14 @@ def format_delta(deployed: dict[str, float], reference: dict[str, float]) -> str
 
 def run_deployed(args: Any, eval_checkpoint: Any, format_table: Any) -> dict[str, float]:
     """``frcnn eval MODEL ...``: deployed metrics; with ``--weights`` also PyTorch's and the delta table."""
+    from frcnn.runtime.backends import check_model_file
+    from frcnn.runtime.infer_output import check_output_folder
+
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_model_file(args.model)
+    if args.output:
+        check_output_folder(args.output)
     metrics = evaluate_deployed(args.model, args.data, args.split, args.output, args.batch_size)
     if args.weights:
         output, args.output = args.output, None  # the deployed model's results JSON is the one written

@@ -32,20 +32,40 @@ def resolve_backend(path: str | os.PathLike[str], backend: str = "auto") -> str:
         if suffix in ONNX_SUFFIXES:
             return "onnxruntime"
         raise UserError(f"cannot tell the backend of {os.fspath(path)!r} from its suffix: name an ONNX model "
-                        f"'*.onnx' or a TensorRT engine '*.engine' / '*.plan', or pass backend='onnxruntime' / "
-                        "'tensorrt'")
+                        f"'*.onnx' or a TensorRT engine '*.engine' / '*.plan', or pass --backend onnxruntime / "
+                        "tensorrt (backend='onnxruntime' / 'tensorrt' in Python)")
     if backend == "onnxruntime" and suffix in ENGINE_SUFFIXES:
         raise UserError(f"{os.fspath(path)!r} is a TensorRT engine; ONNX Runtime needs the .onnx file (or use "
-                        "backend='tensorrt')")
+                        "--backend tensorrt / backend='tensorrt')")
+    if backend == "tensorrt" and suffix in ONNX_SUFFIXES:
+        raise UserError(f"{os.fspath(path)!r} is an ONNX model, not a TensorRT engine: run it with --backend "
+                        "onnxruntime (backend='onnxruntime'), or build an engine from it with "
+                        "`frcnn export-engine` and pass the .engine file")
     return backend
+
+
+def check_model_file(path: str | os.PathLike[str]) -> None:
+    """UserError unless ``path`` is an existing, readable regular file (checked before any loading)."""
+    name = os.fspath(path)
+    if os.path.isdir(name):
+        raise UserError(f"model path {name!r} is a folder, not a model file; pass the .onnx / .engine file inside "
+                        "it")  # fmt: skip
+    if not os.path.exists(name):
+        raise UserError(f"model file {name!r} not found; export one with `frcnn export` (ONNX) or "
+                        "`frcnn export ... --engine` (TensorRT)")
+    if not os.path.isfile(name):
+        raise UserError(f"model path {name!r} is not a regular file; pass the exported .onnx / .engine file")
+    if not os.access(name, os.R_OK):
+        raise UserError(f"model file {name!r} is not readable (permission denied); fix its permissions "
+                        "(chmod u+r)")
 
 
 def create_backend(path: str | os.PathLike[str], backend: str = "auto", **kwargs: Any) -> Backend:
     """An (inactive) backend for ``path``; ``kwargs`` go to its constructor (device, providers, ...)."""
+    if os.path.isdir(path):
+        check_model_file(path)  # "a folder, not a model file" rather than "cannot tell the backend"
     kind = resolve_backend(path, backend)
-    if not os.path.isfile(path):
-        raise UserError(f"model file {os.fspath(path)!r} not found; export one with `frcnn export` (ONNX) or "
-                        "`frcnn export ... --engine` (TensorRT)")
+    check_model_file(path)
     if kind == "tensorrt":
         from frcnn.runtime.backends.tensorrt import TensorRTBackend
 
@@ -55,4 +75,4 @@ def create_backend(path: str | os.PathLike[str], backend: str = "auto", **kwargs
     return OnnxRuntimeBackend(path, **kwargs)
 
 
-__all__ = ["BACKENDS", "Backend", "create_backend", "resolve_backend"]
+__all__ = ["BACKENDS", "Backend", "check_model_file", "create_backend", "resolve_backend"]

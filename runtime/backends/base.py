@@ -80,7 +80,7 @@ class Backend(ABC):
             ``classes`` int32 [B, K].
         """
         if not self.is_active:
-            raise RuntimeError(f"{type(self).__name__} is not active: call activate() or use `with backend:`")
+            raise UserError(f"{type(self).__name__} is not active: call activate() or use `with backend:`")
         return self._infer(check_feed(feed, self.max_batch))
 
     def __enter__(self) -> Self:

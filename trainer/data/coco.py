@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 from frcnn.runtime.errors import UserError
+from frcnn.runtime.image_io import ImageError, probe_image
 
 __all__ = [
     "DatasetMeta",
@@ -308,6 +309,15 @@ def _check_files(records: list[dict[str, Any]], json_file: str, image_root: str)
             f"{len(missing)} of {len(records)} image files named in {json_file} are missing: "
             f"{shown}. Fix the image folder ({image_root}) or remove those images from the JSON."
         )
+    bad = []  # header only (format, mode, frames, size limit): cheap, and before any DataLoader worker starts
+    for record in records:
+        try:
+            probe_image(record["file_name"])
+        except ImageError as exc:
+            bad.append(str(exc))
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise UserError(f"{len(bad)} of {len(records)} images named in {json_file} cannot be used: {bad[0]}{more}")
 
 
 def _warn_repairs(json_file: str, stats: LoadStats) -> None:

@@ -2,7 +2,8 @@
 
 Reproduces detectron2's ``DatasetMapper`` for boxes-only detection:
 
-- ``read_image(file, "BGR")``: Pillow, EXIF orientation applied, converted to RGB, channels reversed.
+- ``read_image(file, "BGR")``: :mod:`frcnn.runtime.image_io` (Pillow, EXIF orientation, documented mode
+  conversions), channels reversed.
 - ``ResizeShortestEdge(MIN_SIZE_TRAIN, MAX_SIZE_TRAIN, MIN_SIZE_TRAIN_SAMPLING)`` then ``RandomFlip`` (p=0.5,
   ``INPUT.RANDOM_FLIP``) for training; ``ResizeShortestEdge(MIN_SIZE_TEST, MAX_SIZE_TEST)`` for testing.
   Sizes use ``frcnn.runtime.preprocess`` (the same arithmetic and Pillow bilinear as the deployed runtime).
@@ -22,9 +23,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from frcnn.runtime import image_io
 from frcnn.runtime.errors import UserError
 from frcnn.runtime.preprocess import resize_image, resize_shortest_edge_size
-from PIL import Image, ImageOps
 
 __all__ = ["DatasetMapper", "read_image", "transform_boxes"]
 
@@ -32,26 +33,15 @@ _FLIPS = ("horizontal", "vertical", "none")
 
 
 def read_image(file_name: str, image_format: str = "BGR") -> np.ndarray:
-    """Read an image file -> uint8 [H, W, 3] in ``image_format`` ("BGR" or "RGB"), EXIF orientation applied."""
-    try:
-        with Image.open(file_name) as f:
-            rgb = np.asarray(ImageOps.exif_transpose(f).convert("RGB"))
-    except FileNotFoundError as exc:
+    """Read an image file -> uint8 [H, W, 3] in ``image_format`` ("BGR" or "RGB"), EXIF orientation applied.
+
+    :func:`frcnn.runtime.image_io.read_image` (the project's one reader: Pillow modes, size limit, errors).
+    """
+    if image_format not in ("BGR", "RGB"):
         raise UserError(
-            f"image file {file_name} does not exist (it is named in the dataset). "
-            "Fix the image folder or the dataset JSON."
-        ) from exc
-    except (OSError, SyntaxError) as exc:  # Pillow: unreadable / truncated / not an image
-        raise UserError(
-            f"cannot read image {file_name}: {exc}. Replace the file or drop it from the dataset."
-        ) from exc
-    if image_format == "BGR":
-        return np.ascontiguousarray(rgb[:, :, ::-1])
-    if image_format == "RGB":
-        return rgb
-    raise UserError(
-        f"INPUT.FORMAT {image_format!r} is not supported; use 'BGR' (detectron2's default) or 'RGB'."
-    )
+            f"INPUT.FORMAT {image_format!r} is not supported; use 'BGR' (detectron2's default) or 'RGB'."
+        )
+    return image_io.read_image(file_name, image_format)
 
 
 def transform_boxes(
