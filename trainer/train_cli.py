@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 from typing import Any
 
@@ -72,6 +73,10 @@ def run_train(args: argparse.Namespace) -> int:
     except NonFiniteLossError as exc:
         print(f"frcnn train: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        if rank == 0:
+            print(interrupted_message(args, int(cfg.SOLVER.MAX_ITER)), file=sys.stderr)
+        return 130
     if rank == 0:  # the process group is gone by now: torchrun's RANK decides who reports
         final = summary["final_checkpoint"]
         print(f"frcnn train: iterations {summary['start_iter']}..{summary['max_iter'] - 1} done; "
@@ -80,6 +85,25 @@ def run_train(args: argparse.Namespace) -> int:
             ev = summary["eval"]
             print("frcnn train: " + ", ".join(f"{k} {100 * ev[k]:.1f}" for k in ("AP", "AP50", "AP75") if k in ev))
     return 0
+
+
+def interrupted_message(args: argparse.Namespace, max_iter: int) -> str:
+    """What Ctrl-C left in OUT (the last checkpoint and its iteration, or nothing) and the command to resume."""
+    from frcnn.trainer.engine.run_dir import last_saved
+
+    command = ["frcnn", "train", "--config", args.config, "--data", args.data, "--output", args.output, "--resume"]
+    if args.num_classes != "auto":
+        command += ["--num-classes", args.num_classes]
+    command = shlex.join(command + list(args.opts))
+    saved = last_saved(args.output) if os.path.isdir(args.output) else None
+    if saved is None:
+        return ("frcnn train: interrupted before the first checkpoint; no checkpoint was written (the first is saved "
+                f"after SOLVER.CHECKPOINT_PERIOD iterations). Start again with the same command; with --resume it "
+                f"starts at iteration 0: {command}")  # fmt: skip
+    path, iteration = saved
+    done = f"iteration {iteration}" if iteration is not None else f"the final iteration {max_iter - 1}"
+    return (f"frcnn train: interrupted. The last checkpoint is {path} ({done}); iterations after it are lost. "
+            f"Resume from it with:\n  {command}")  # fmt: skip
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -39,6 +39,7 @@ __all__ = [
     "filter_images_without_annotations",
     "load_coco_json",
     "load_coco_split",
+    "probe_image",
     "read_coco_json",
 ]
 
@@ -299,6 +300,56 @@ def _check_files(records: list[dict[str, Any]], json_file: str, image_root: str)
             f"{len(missing)} of {len(records)} image files named in {json_file} are missing: "
             f"{shown}. Fix the image folder ({image_root}) or remove those images from the JSON."
         )
+    bad = []
+    for r in records:
+        try:
+            w, h = probe_image(r["file_name"])
+        except UserError as exc:
+            bad.append(str(exc))
+            continue
+        if (w, h) != (r["width"], r["height"]):
+            bad.append(f"{r['file_name']} is {w}x{h} (WxH) but {json_file} says {r['width']}x{r['height']}")
+    if bad:
+        shown = "; ".join(bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise UserError(
+            f"{len(bad)} of {len(records)} images named in {json_file} cannot be used: {shown}. Replace those "
+            "files, fix 'width'/'height' in the JSON, or remove the images from it."
+        )
+
+
+def probe_image(file_name: str) -> tuple[int, int]:
+    """(width, height) of an image file after its EXIF orientation, from the header only (no pixel decode).
+
+    Raises UserError naming the file when it is not an image Pillow can open. A file whose header is intact
+    but whose pixel data is truncated passes here and fails when decoded (a UserError naming the file).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(file_name) as im:
+            w, h = im.size
+            orientation = _orientation(im)
+    except UnidentifiedImageError:
+        raise UserError(f"{file_name} is not an image file Pillow can read (empty, corrupt or another format)") from None
+    except Image.DecompressionBombError as exc:
+        raise UserError(f"{file_name} is too large to decode safely ({exc})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise UserError(f"cannot read image {file_name}: {exc}") from None
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def _orientation(im: Any) -> int:
+    """EXIF orientation tag (1 when absent), read without decoding the pixels."""
+    from PIL import Image
+
+    if im.format in ("JPEG", "MPO", "TIFF", "WEBP"):
+        return int(im.getexif().get(0x0112, 1) or 1)
+    raw = im.info.get("exif")
+    if not raw:
+        return 1
+    exif = Image.Exif()
+    exif.load(raw)
+    return int(exif.get(0x0112, 1) or 1)
 
 
 def _warn_repairs(json_file: str, stats: LoadStats) -> None:

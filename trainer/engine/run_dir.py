@@ -1,0 +1,139 @@
+"""The training output folder: checks before anything is written, the resume pointer, the one-writer lock.
+
+``frcnn train --output OUT`` writes only after every check passed (config, data, weights, resume
+checkpoint); these are the OUT-side checks:
+
+- OUT must be a folder (or not exist yet) that can be written, and neither the dataset folder nor inside it;
+- ``--resume``: ``OUT/last_checkpoint`` must name an existing, readable frcnn training checkpoint; a pointer
+  to a deleted file is refused (restarting from iteration 0 would overwrite the pointer: lost work). Without
+  a pointer, training starts at iteration 0 (detectron2's behaviour) with a warning;
+- one training per OUT at a time: ``OUT/.frcnn-train.lock`` holds the pid of the live run; a lock whose
+  process is gone (a killed run) is taken over. The lock is removed when training ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from frcnn.runtime.errors import CheckpointError, UserError
+
+from .hooks import LAST_CHECKPOINT
+
+__all__ = ["LOCK_NAME", "check_output_dir", "last_saved", "output_lock", "read_resume_state", "resolve_resume"]
+
+logger = logging.getLogger(__name__)
+LOCK_NAME = ".frcnn-train.lock"
+_TRAINING_KEYS = ("iteration", "optimizer", "scheduler")
+
+
+def check_output_dir(output_dir: str, data_dir: str | None = None) -> None:
+    """UserError when OUT is a file, lies under a file, is not writable, or is (inside) the dataset folder."""
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {output_dir} is a file, not a folder; choose a folder for checkpoints and logs")
+    parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise UserError(f"--output {output_dir}: {parent} is a file, so the folder cannot be created there")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--output {output_dir}: {parent} is not writable; choose another --output")
+    if data_dir is not None:
+        data, resolved = Path(data_dir).resolve(), out.resolve()
+        if resolved == data or data in resolved.parents:
+            raise UserError(f"--output {output_dir} is inside the dataset folder {data_dir}; keep training outputs "
+                            "apart from the data (e.g. --output runs/NAME)")  # fmt: skip
+
+
+def resolve_resume(output_dir: str) -> str | None:
+    """The checkpoint ``OUT/last_checkpoint`` names; None when there is no pointer (nothing to resume).
+
+    Raises CheckpointError when the pointer is unreadable or names a missing file.
+    """
+    pointer = os.path.join(output_dir, LAST_CHECKPOINT)
+    if not os.path.exists(pointer):
+        return None
+    try:
+        with open(pointer, encoding="utf-8") as f:
+            name = f.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"--resume: cannot read {pointer} ({exc}); it should name a checkpoint file such as "
+                              "model_final.pth") from None  # fmt: skip
+    path = os.path.join(output_dir, name)
+    if not name or "\n" in name or not os.path.isfile(path):
+        found = sorted(p.name for p in Path(output_dir).glob("model_*.pth"))
+        hint = (f"; checkpoints present: {', '.join(found)} - write the one to resume from into {pointer}"
+                if found else "; no model_*.pth is left in that folder")  # fmt: skip
+        raise CheckpointError(f"--resume: {pointer} names {name!r}, but {path} does not exist (deleted or moved?). "
+                              f"Refusing to restart from iteration 0 over it{hint}, or train into a new "
+                              "--output without --resume.")  # fmt: skip
+    return path
+
+
+def read_resume_state(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(state_dict, meta) of a training checkpoint to resume; CheckpointError when it is not one."""
+    from frcnn.trainer.checkpoint import load_checkpoint_state
+
+    state, meta = load_checkpoint_state(path)
+    missing = [k for k in _TRAINING_KEYS if k not in meta]
+    if missing or not isinstance(meta.get("iteration"), int):
+        raise CheckpointError(f"--resume: {path} is not a training checkpoint written by `frcnn train` (it lacks "
+                              f"{', '.join(missing) or 'an integer iteration'}); to start a new training from "
+                              "its weights, pass MODEL.WEIGHTS PATH into a new --output without --resume")  # fmt: skip
+    return state, meta
+
+
+def last_saved(output_dir: str) -> tuple[str, int | None] | None:
+    """(path, iteration or None for model_final) of the checkpoint OUT/last_checkpoint names, if it exists."""
+    try:
+        path = resolve_resume(output_dir)
+    except CheckpointError:
+        return None
+    if path is None:
+        return None
+    m = re.match(r"^model_(\d{7})\.pth$", os.path.basename(path))
+    return path, int(m.group(1)) if m else None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def output_lock(output_dir: str) -> Iterator[None]:
+    """Hold ``OUT/.frcnn-train.lock`` (see the module docstring); UserError while another run holds it."""
+    lock = os.path.join(output_dir, LOCK_NAME)
+    for _attempt in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                with open(lock, encoding="utf-8") as f:
+                    pid = int(f.read().strip() or "0")
+            except (OSError, ValueError):
+                pid = 0
+            if pid > 0 and pid != os.getpid() and _pid_alive(pid):
+                raise UserError(f"another `frcnn train` (pid {pid}) is writing into {output_dir}; wait for it, stop "
+                                f"it, or choose another --output (lock file {lock})") from None  # fmt: skip
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock)  # left by a killed run
+    else:
+        raise UserError(f"cannot take the lock {lock}; another run keeps creating it. Choose another --output")
+    try:
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.close(fd)
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)
