@@ -132,6 +132,9 @@ def _read_pickle(path: str, data: bytes) -> Any:
 
 
 def _read_file(path: str) -> Any:
+    if os.path.isdir(path):
+        raise CheckpointError(f"Checkpoint '{path}' is a directory; pass the checkpoint file inside it, e.g. "
+                              f"'{os.path.join(path, 'model_final.pth')}'.")  # fmt: skip
     try:
         with open(path, "rb") as f:
             data = f.read()
