@@ -82,7 +82,7 @@ def load_config(checkpoint: str, config: str | None, meta: dict[str, Any]) -> tu
 
     cfg = get_cfg()
     if config:
-        if os.path.isfile(config):
+        if os.path.exists(config):  # a file; a directory is refused by merge_from_file naming it
             cfg.merge_from_file(config)
             return cfg, config
         if config in available_configs():

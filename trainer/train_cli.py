@@ -25,10 +25,14 @@ def build_config(config: str, opts: list[str]) -> Any:
     """get_cfg() + the file (or packaged name) + KEY VALUE overrides; ConfigError names a bad key/value."""
     from frcnn.trainer.config import available_configs, get_cfg, model_zoo_config
 
+    options = [o for o in opts[0::2] if o.startswith("--")]
+    if options:
+        raise ConfigError(f"{options[0]} must come before the KEY VALUE overrides (everything after the first "
+                          f"override is read as KEY VALUE pairs); move it before {opts[0]}")  # fmt: skip
     if len(opts) % 2:
         raise ConfigError(f"overrides must be KEY VALUE pairs; got an odd number of items: {' '.join(opts)}")
     path = config
-    if not os.path.isfile(config):
+    if not os.path.exists(config):
         if config not in available_configs():
             raise ConfigError(f"config {config!r} is neither a file nor a packaged config; packaged: "
                               f"{', '.join(available_configs())}.")  # fmt: skip

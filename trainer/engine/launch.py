@@ -41,10 +41,9 @@ from .hooks import (
     PeriodicCheckpointer,
     ProgressBar,
     set_rng_state,
-    write_text_atomic,
 )
 from .resume import resumable_train_loader
-from .run_dir import check_output_dir, output_lock, read_resume_state, resolve_resume
+from .run_dir import check_output_dir, claim_output, read_resume_state, resolve_resume
 from .solver import build_lr_scheduler, build_optimizer
 from .trainer import Trainer
 
@@ -244,14 +243,12 @@ def _restore(trainer: Trainer, saved: dict[str, Any], ctx: DistContext, checkpoi
 
 @contextlib.contextmanager
 def _claimed(output_dir: str, cfg: Any) -> Iterator[None]:
-    """All checks passed: create OUT, take its lock (rank 0) and write config.yaml, then train."""
+    """All checks passed: rank 0 claims OUT (:func:`.run_dir.claim_output`: lock, config.yaml), then train."""
     if not is_main_process():
         barrier()
         yield
         return
-    os.makedirs(output_dir, exist_ok=True)
-    with output_lock(output_dir):
-        write_text_atomic(os.path.join(output_dir, "config.yaml"), cfg.dump())
+    with claim_output(output_dir, cfg.dump()):
         barrier()
         yield
 

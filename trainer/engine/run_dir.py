@@ -9,6 +9,11 @@ checkpoint); these are the OUT-side checks:
   a pointer, training starts at iteration 0 (detectron2's behaviour) with a warning;
 - one training per OUT at a time: ``OUT/.frcnn-train.lock`` holds the pid of the live run; a lock whose
   process is gone (a killed run) is taken over. The lock is removed when training ends, however it ends.
+
+Some problems only show once training runs (an image whose pixel data is truncated, a non-finite loss).
+:func:`claim_output` then undoes what the failed run wrote when it saved no checkpoint: files it created are
+removed (OUT too, when it created it) and a ``config.yaml`` it replaced gets its old content back. A run that
+saved a checkpoint keeps everything (it is resumable).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from frcnn.runtime.errors import CheckpointError, UserError
 
 from .hooks import LAST_CHECKPOINT
 
-__all__ = ["LOCK_NAME", "check_output_dir", "last_saved", "output_lock", "read_resume_state", "resolve_resume"]
+__all__ = ["LOCK_NAME", "check_output_dir", "claim_output", "last_saved", "output_lock", "read_resume_state", "resolve_resume"]
 
 logger = logging.getLogger(__name__)
 LOCK_NAME = ".frcnn-train.lock"
@@ -137,3 +142,56 @@ def output_lock(output_dir: str) -> Iterator[None]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(lock)
+
+
+_OURS = re.compile(r"^(config\.yaml|metrics\.json|events\.out\.tfevents\..*|eval)$")
+
+
+@contextlib.contextmanager
+def claim_output(output_dir: str, config_text: str) -> Iterator[None]:
+    """Create OUT, hold its lock, write ``config.yaml``; on failure before a checkpoint, undo (module doc)."""
+    from frcnn.runtime.fileio import atomic_write
+
+    created = not os.path.isdir(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    try:
+        with output_lock(output_dir):
+            before = set(os.listdir(output_dir))
+            pointer = os.path.join(output_dir, LAST_CHECKPOINT)
+            stamp = _stamp(pointer)
+            config = os.path.join(output_dir, "config.yaml")
+            old_config = Path(config).read_bytes() if os.path.isfile(config) else None
+            try:
+                atomic_write(config, config_text)
+                yield
+            except BaseException:
+                if _stamp(pointer) == stamp:  # no checkpoint saved by this run: leave OUT as it was
+                    _undo(output_dir, before, old_config)
+                raise
+    finally:
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(output_dir)  # only when empty: a failed first run leaves no folder behind
+
+
+def _stamp(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def _undo(output_dir: str, before: set[str], old_config: bytes | None) -> None:
+    import shutil
+
+    from frcnn.runtime.fileio import atomic_write
+
+    for name in set(os.listdir(output_dir)) - before:
+        if _OURS.match(name):
+            path = os.path.join(output_dir, name)
+            with contextlib.suppress(OSError):
+                shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
+    if old_config is not None:
+        atomic_write(os.path.join(output_dir, "config.yaml"), old_config)
+    logger.info("training failed before its first checkpoint: removed what it wrote in %s", output_dir)
