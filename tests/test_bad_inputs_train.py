@@ -9,6 +9,10 @@ import json
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -269,3 +273,97 @@ def test_export_refuses_bad_input(shared, tmp_path, capsys, name, setup, pattern
     ctx = Ctx(tmp_path, shared)
     argv = setup(ctx)
     _check(ctx, argv, export_main, pattern, capsys)
+
+
+# ------------------------------------------------------------------------------------- signals and temp files
+def _tmp_files(root: Path) -> list[str]:
+    return sorted(str(p) for p in root.rglob("*") if p.name.endswith(".tmp") or p.name.endswith(".lock"))
+
+
+def _popen(argv: list[str]) -> subprocess.Popen:
+    # a session of its own, so that os.killpg reaches the process group like a terminal's Ctrl-C
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def test_ctrl_c_in_train_names_the_last_checkpoint_and_the_resume_command(shared, tmp_path) -> None:
+    ctx = Ctx(tmp_path, shared)
+    out = tmp_path / "out"
+    proc = _popen([sys.executable, "-m", "frcnn.runtime.cli", *ctx.train("SOLVER.MAX_ITER", "1000",
+                   "SOLVER.CHECKPOINT_PERIOD", "1", "DATALOADER.NUM_WORKERS", "1")])  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not (out / "last_checkpoint").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    name = (out / "last_checkpoint").read_text().strip()
+    iteration = torch.load(out / name, weights_only=True)["iteration"]
+    assert f"The last checkpoint is {out / name} (iteration {iteration})" in err, err[-2000:]
+    assert re.search(r"Resume from it with:\n  frcnn train --config frcnn-small-R18.yaml .* --resume ", err), err
+    assert _tmp_files(tmp_path) == []
+
+
+def test_ctrl_c_in_export_says_nothing_was_written(shared, tmp_path) -> None:
+    target = tmp_path / "m.onnx"
+    proc = _popen([sys.executable, "-m", "frcnn.export.cli", str(shared / "run" / "model_final.pth"), "--output",
+                   str(target)])  # fmt: skip
+    time.sleep(12)  # past the imports, inside the export (which takes far longer on this CPU)
+    assert proc.poll() is None, proc.communicate()
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert f"interrupted; nothing was written ({target} was not created)" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_temp_files_of_a_killed_writer_are_removed_by_the_next_write(tmp_path) -> None:
+    from frcnn.runtime.fileio import atomic_write, remove_stale_temps
+
+    target = tmp_path / "m.onnx"
+    code = ("import sys, time\nfrom frcnn.runtime.fileio import atomic_writer\nwith atomic_writer(sys.argv[1]) as f:\n"
+            "    f.write(b'x' * 4096); f.flush(); print('ready', flush=True); time.sleep(120)\n")  # fmt: skip
+    writer = subprocess.Popen([sys.executable, "-c", code, str(target)], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout is not None and writer.stdout.readline().strip() == "ready"
+    (left,) = tmp_path.glob(".m.onnx.*.tmp")
+    assert f".m.onnx.{writer.pid}." in left.name
+    assert remove_stale_temps(target) == [] and left.exists()  # a live writer's file is never touched
+    writer.kill()
+    writer.wait()
+    old_legacy = tmp_path / ".m.onnx.abcd1234.tmp"  # pid-less name of earlier versions, from before this run
+    old_legacy.write_bytes(b"old")
+    os.utime(old_legacy, (time.time() - 3600, time.time() - 3600))
+    keep = [tmp_path / n for n in (".m.onnx.notes.tmp", ".other.onnx.1.abcdefgh.tmp", "m.onnx.bak", ".m.onnx.12.x.tmp")]
+    for p in keep:
+        p.write_bytes(b"not ours")
+    atomic_write(target, b"new")
+    assert target.read_bytes() == b"new"
+    assert not left.exists() and not old_legacy.exists()
+    assert all(p.read_bytes() == b"not ours" for p in keep)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name] + [p.name for p in keep])
+
+
+# ------------------------------------------------------------------------------------------------ class names
+def test_training_stores_class_names_used_by_export_and_predictor(shared, tmp_path) -> None:
+    from frcnn.export.class_names import resolve_class_names
+    from frcnn.export.coco_names import COCO_CLASSES
+    from frcnn.export.onnx_export import metadata
+    from frcnn.trainer.predictor import Predictor
+    from frcnn.trainer.train_cli import build_config
+
+    cats = json.loads((shared / "ds" / "annotations" / "instances_train.json").read_text())["categories"]
+    expected = [c["name"] for c in sorted(cats, key=lambda c: c["id"])]
+    ckpt = torch.load(shared / "run" / "model_final.pth", weights_only=True)
+    assert ckpt["class_names"] == expected and ckpt["category_ids"] == sorted(c["id"] for c in cats)
+    assert resolve_class_names(3, ckpt)[:2] == (expected, ckpt["category_ids"])
+    assert resolve_class_names(3, ckpt, "a, b ,c")[0] == ["a", "b", "c"]
+    names_file = tmp_path / "names.txt"
+    names_file.write_text("cat\n\ndog\nbird\n")
+    assert resolve_class_names(3, ckpt, str(names_file))[0] == ["cat", "dog", "bird"]
+    assert resolve_class_names(80, {})[0] == list(COCO_CLASSES)  # model-zoo checkpoints: as before
+    cfg = build_config(str(shared / "run" / "config.yaml"), [])
+    assert Predictor(cfg, shared / "run" / "model_final.pth").class_names == expected
+    props = metadata(cfg, expected, 18, 32, ckpt["category_ids"])
+    assert json.loads(props["class_names"]) == expected
+    assert json.loads(props["category_ids"]) == ckpt["category_ids"]
