@@ -162,8 +162,12 @@ def _build_engine(args: argparse.Namespace, onnx_path: Path, sizes: tuple[list[i
         return NO_TENSORRT_EXIT_CODE
     lo, opt, hi = engine.image_profile(1, 1, args.max_batch, *sizes)
     start = time.perf_counter()
-    info = engine.build_engine(onnx_path, args.engine, min_shapes=lo, opt_shapes=opt, max_shapes=hi,
-                               fp16=args.fp16)
+    try:
+        info = engine.build_engine(onnx_path, args.engine, min_shapes=lo, opt_shapes=opt, max_shapes=hi,
+                                   fp16=args.fp16)
+    except UserError as exc:
+        raise type(exc)(f"{exc} (the engine {args.engine} was not written; the ONNX file {onnx_path} is complete "
+                        "and was kept)") from None  # fmt: skip
     print(f"engine: {info.engine_path} (TensorRT {info.tensorrt_version}, {info.gpu_name}, "
           f"{'fp16' if info.fp16 else 'fp32'}, {time.perf_counter() - start:.1f} s); sidecar {info.sidecar_path}")
     return 0
