@@ -91,6 +91,7 @@ class Ctx:
 
     def file(self, name: str, content: bytes | str) -> str:
         p = self.work / name
+        p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(content if isinstance(content, bytes) else content.encode())
         return str(p)
 
@@ -179,6 +180,9 @@ TRAIN_CASES = [
     ("num-classes-text", lambda c: c.train("--num-classes", "three"), r"give 'auto' or a positive integer"),
     ("output-is-file", lambda c: c.train(output=c.file("out.txt", "mine")), r"is a file, not a folder"),
     ("output-under-file", lambda c: c.train(output=str(Path(c.file("f", "x")) / "sub")), r"is a file, so the folder"),
+    ("output-has-foreign-config", lambda c: (Path(c.file("mine/config.yaml", "SEED: 1\n")),
+                                             c.train(output=str(c.work / "mine")))[1],
+     r"holds a config.yaml that `frcnn train` did not write"),
     ("output-in-data", lambda c: c.train(output=str(c.data / "runs")), r"inside the dataset folder"),
     ("resume-dangling", lambda c: (c.ckpt.unlink(), c.resume())[1], r"model_final.pth does not exist.*Refusing"),
     ("resume-corrupt", lambda c: (c.replace(c.ckpt, c.ckpt.read_bytes()[:5000]), c.resume())[1],
@@ -202,6 +206,14 @@ TRAIN_CASES = [
      r"is 64x48 \(WxH\) but .* says 128x128"),
     ("image-truncated-in-worker", lambda c: (_truncate_all(c), c.train("DATALOADER.NUM_WORKERS", "1"))[1],
      r"cannot read image .*\.png: image file is truncated"),
+    ("data-is-file", lambda c: ["train", "--config", "frcnn-small-R18.yaml", "--data", c.file("d.json", "{}"),
+                                "--output", str(c.work / "out")], r"--data .*d\.json is a file"),
+    ("log-period-zero", lambda c: c.train("--log-period", "0"), r"--log-period 0: give a number"),
+    ("min-size-train-zero", lambda c: c.train("INPUT.MIN_SIZE_TRAIN", "(0,)"), r"INPUT.MIN_SIZE_TRAIN .* must be >= 1"),
+    ("weights-missing", lambda c: c.train("MODEL.WEIGHTS", str(c.work / "gone.pth")), r"Cannot read checkpoint .*gone"),
+    ("weights-dir", lambda c: c.train("MODEL.WEIGHTS", str(c.run)), r"is a directory; pass the checkpoint file"),
+    ("weights-not-a-model", lambda c: c.train("MODEL.WEIGHTS", c.file("w.pkl", b"\x80\x04K\x01.")),
+     r"holds a int, not a dict"),
     ("option-after-overrides", lambda c: c.train("SOLVER.BASE_LR", "0.01", "--resume"),
      r"--resume must come before the KEY VALUE overrides"),
     ("json-not-utf8", lambda c: (c.replace(c.data / "annotations" / "instances_train.json", b'{"images": "\xff"}'),

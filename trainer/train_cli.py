@@ -68,6 +68,8 @@ def run_train(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")  # fmt: skip
+    if args.log_period < 1:
+        raise UserError(f"--log-period {args.log_period}: give a number of iterations >= 1")
     cfg = build_config(args.config, args.opts)
     dataset = _load_data(args.data, "train")
     _set_num_classes(cfg, args.num_classes, dataset[1].num_classes, dataset[1].thing_classes)

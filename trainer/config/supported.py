@@ -207,6 +207,11 @@ def _check_solver_numbers(cfg: CfgNode, problems: list[str]) -> None:
             problems.append(f"SOLVER.{key} = {s[key]!r}: must be an integer >= {low}")
     if any(int(step) < 0 for step in s.STEPS):
         problems.append(f"SOLVER.STEPS = {s.STEPS!r}: iterations must be >= 0")
+    sizes = list(cfg.INPUT.MIN_SIZE_TRAIN) if isinstance(cfg.INPUT.MIN_SIZE_TRAIN, (list, tuple)) else [
+        cfg.INPUT.MIN_SIZE_TRAIN]  # fmt: skip
+    if not sizes or any(int(v) < 1 for v in sizes) or int(cfg.INPUT.MAX_SIZE_TRAIN) < 1:
+        problems.append(f"INPUT.MIN_SIZE_TRAIN / MAX_SIZE_TRAIN = {cfg.INPUT.MIN_SIZE_TRAIN!r} / "
+                        f"{cfg.INPUT.MAX_SIZE_TRAIN!r}: image sides must be >= 1")  # fmt: skip
     if int(cfg.DATALOADER.NUM_WORKERS) < 0:
         problems.append(f"DATALOADER.NUM_WORKERS = {cfg.DATALOADER.NUM_WORKERS!r}: must be >= 0")
 

@@ -109,6 +109,9 @@ def _shared_random_seed() -> int:
 def _load_data(data_dir: str, split: str) -> tuple[list[dict[str, Any]], Any]:
     from frcnn.trainer.data import load_coco_split
 
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise UserError(f"--data {data_dir} is a file; pass the dataset folder (annotations/instances_{split}.json "
+                        f"and {split}/ inside)")  # fmt: skip
     if not os.path.isdir(data_dir):
         raise UserError(f"dataset folder {data_dir} does not exist. Pass a folder with annotations/"
                         f"instances_{split}.json and {split}/ (e.g. made by `frcnn data synth {data_dir}`).")  # fmt: skip

@@ -4,6 +4,7 @@
 checkpoint); these are the OUT-side checks:
 
 - OUT must be a folder (or not exist yet) that can be written, and neither the dataset folder nor inside it;
+  a ``config.yaml`` in it must be one ``frcnn train`` wrote (a full config dump), as it is replaced;
 - ``--resume``: ``OUT/last_checkpoint`` must name an existing, readable frcnn training checkpoint; a pointer
   to a deleted file is refused (restarting from iteration 0 would overwrite the pointer: lost work). Without
   a pointer, training starts at iteration 0 (detectron2's behaviour) with a warning;
@@ -47,11 +48,27 @@ def check_output_dir(output_dir: str, data_dir: str | None = None) -> None:
         raise UserError(f"--output {output_dir}: {parent} is a file, so the folder cannot be created there")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"--output {output_dir}: {parent} is not writable; choose another --output")
+    config = out / "config.yaml"
+    if config.exists() and not _is_our_config(config):
+        raise UserError(f"--output {output_dir} holds a config.yaml that `frcnn train` did not write (not a full "
+                        "config dump); training would replace it. Move it or choose another --output")  # fmt: skip
     if data_dir is not None:
         data, resolved = Path(data_dir).resolve(), out.resolve()
         if resolved == data or data in resolved.parents:
             raise UserError(f"--output {output_dir} is inside the dataset folder {data_dir}; keep training outputs "
                             "apart from the data (e.g. --output runs/NAME)")  # fmt: skip
+
+
+def _is_our_config(path: Path) -> bool:
+    """``config.yaml`` as ``frcnn train`` writes it: a YAML mapping holding every top-level key of get_cfg()."""
+    import yaml
+    from frcnn.trainer.config import get_cfg
+
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return path.is_file() and isinstance(loaded, dict) and set(get_cfg()) <= set(loaded)
 
 
 def resolve_resume(output_dir: str) -> str | None:
