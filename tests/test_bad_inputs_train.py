@@ -297,6 +297,7 @@ def _popen(argv: list[str]) -> subprocess.Popen:
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_train_names_the_last_checkpoint_and_the_resume_command(shared, tmp_path) -> None:
     ctx = Ctx(tmp_path, shared)
     out = tmp_path / "out"
