@@ -2,12 +2,20 @@
 
     export-engine model.pth [--config CFG] [--output model.onnx] [--opset N] [--max-batch B]
                   [--min-size H W] [--opt-size H W] [--max-size H W] [--engine model.engine] [--fp16]
+                  [--class-names FILE|a,b,c] [--overwrite]
 
 Config lookup without ``--config``: the YAML the trainer stores inside the checkpoint (key ``cfg``), else
 ``config.yaml`` beside the checkpoint, else the R50-FPN default (the summary says which one was used).
 
+Class names: ``--class-names``, else the checkpoint's ``class_names`` (stored by ``frcnn train``), else
+COCO's for 80 classes, else ``class_<k>`` (see :mod:`frcnn.export.class_names`).
+
+Existing files: ``--output`` / ``--engine`` replace a file only when it is one this tool wrote (an ONNX file
+with producer ``frcnn-deploy``; an engine with its frcnn sidecar); any other existing file is refused unless
+``--overwrite`` is given. Ctrl-C stops with exit code 130 and says what was (not) written.
+
 Exit codes: 0 done; 2 bad input (missing/corrupt checkpoint, config/checkpoint mismatch, unsupported opset,
-unwritable output; nothing is written); 3 the ONNX was written but ``--engine`` was skipped because TensorRT
+unwritable output, a file it did not write in the way; nothing is written); 3 the ONNX was written but ``--engine`` was skipped because TensorRT
 >= 10.9 or a GPU is missing; 1 an unexpected internal error (traceback).
 """
 
@@ -51,6 +59,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                             help=f"{text} padded input size of the engine profile (multiples of 32)")
     parser.add_argument("--engine", help="also build this TensorRT engine (needs TensorRT >= 10.9 and a GPU)")
     parser.add_argument("--fp16", action="store_true", help="fp16 engine (with --engine)")
+    parser.add_argument("--class-names", metavar="FILE|a,b,c",
+                        help="class names for the metadata: a file (one per line, or a .json list) or a,b,c "
+                             "(default: those stored in the checkpoint)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --output / --engine even when they are files this tool did not write")
     parser.set_defaults(func=run)
     return parser
 
@@ -69,7 +82,7 @@ def load_config(checkpoint: str, config: str | None, meta: dict[str, Any]) -> tu
 
     cfg = get_cfg()
     if config:
-        if os.path.isfile(config):
+        if os.path.exists(config):  # a file; a directory is refused by merge_from_file naming it
             cfg.merge_from_file(config)
             return cfg, config
         if config in available_configs():
@@ -91,21 +104,6 @@ def load_config(checkpoint: str, config: str | None, meta: dict[str, Any]) -> tu
         return cfg, beside
     cfg.merge_from_file(model_zoo_config(DEFAULT_CONFIG))
     return cfg, f"default {DEFAULT_CONFIG} (no config stored with the checkpoint; pass --config if wrong)"
-
-
-def class_names(cfg: Any, meta: dict[str, Any]) -> list[str]:
-    """Names stored in the checkpoint (``class_names`` / ``thing_classes``), COCO's for 80 classes, else
-    ``class_<i>``."""
-    num = int(cfg.MODEL.ROI_HEADS.NUM_CLASSES)
-    for key in ("class_names", "thing_classes"):
-        names = meta.get(key)
-        if isinstance(names, (list, tuple)) and len(names) == num and all(isinstance(n, str) for n in names):
-            return list(names)
-    if num == 80:
-        from frcnn.export.coco_names import COCO_CLASSES
-
-        return list(COCO_CLASSES)
-    return [f"class_{i}" for i in range(num)]
 
 
 def _sizes(args: argparse.Namespace, cfg: Any) -> tuple[list[int], list[int], list[int]]:
@@ -133,7 +131,7 @@ def _table(rows: Sequence[tuple[str, str]]) -> str:
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
-def summary(info: dict[str, Any], path: Path, seconds: float, config_source: str) -> str:
+def summary(info: dict[str, Any], path: Path, seconds: float, config_source: str, names_source: str = "") -> str:
     """The summary table printed after a successful export."""
     def fmt(values: list[tuple[str, str, list[Any]]]) -> str:
         return ", ".join(f"{n} {t}[{','.join(str(d) for d in dims)}]" for n, t, dims in values)
@@ -143,7 +141,8 @@ def summary(info: dict[str, Any], path: Path, seconds: float, config_source: str
             ("outputs", fmt(info["outputs"])),
             ("custom nodes", ", ".join(f"{op} ({name})" for name, op in info["custom_nodes"])),
             ("local functions", ", ".join(info["functions"])), ("opset", str(info["opset"])),
-            ("classes", str(len(json.loads(info["metadata"]["class_names"])))),
+            ("classes", f"{len(json.loads(info['metadata']['class_names']))}"
+                        + (f" ({names_source})" if names_source else "")),
             ("file size", f"{size / 2**20:.1f} MiB"), ("export time", f"{seconds:.1f} s")]
     return "exported ONNX:\n" + _table(rows)
 
@@ -163,18 +162,53 @@ def _build_engine(args: argparse.Namespace, onnx_path: Path, sizes: tuple[list[i
         return NO_TENSORRT_EXIT_CODE
     lo, opt, hi = engine.image_profile(1, 1, args.max_batch, *sizes)
     start = time.perf_counter()
-    info = engine.build_engine(onnx_path, args.engine, min_shapes=lo, opt_shapes=opt, max_shapes=hi,
-                               fp16=args.fp16)
+    try:
+        info = engine.build_engine(onnx_path, args.engine, min_shapes=lo, opt_shapes=opt, max_shapes=hi,
+                                   fp16=args.fp16)
+    except UserError as exc:
+        raise type(exc)(f"{exc} (the engine {args.engine} was not written; the ONNX file {onnx_path} is complete "
+                        "and was kept)") from None  # fmt: skip
     print(f"engine: {info.engine_path} (TensorRT {info.tensorrt_version}, {info.gpu_name}, "
           f"{'fp16' if info.fp16 else 'fp32'}, {time.perf_counter() - start:.1f} s); sidecar {info.sidecar_path}")
     return 0
 
 
-def run(args: argparse.Namespace) -> int:
-    """Export per ``args`` (see module docstring); returns the exit code. Raises UserError for bad input."""
+def _ours(path: Path, kind: str) -> bool:
+    """Whether an existing ``path`` is a file this tool wrote (see the module docstring)."""
+    if kind == "engine":
+        from frcnn.export import engine
+
+        try:
+            engine.read_sidecar(path)
+        except UserError:
+            return False
+        return True
+    import onnx
+
+    try:
+        return onnx.load(str(path), load_external_data=False).producer_name == "frcnn-deploy"
+    except Exception:  # noqa: BLE001 - not an ONNX file at all (any protobuf/IO error): not ours
+        return False
+
+
+def check_replaceable(path: str | Path, overwrite: bool, option: str) -> None:
+    """UserError when ``path`` exists and is not a file this tool wrote (unless ``overwrite``)."""
+    target = Path(path)
+    if overwrite or not target.exists() or target.is_dir():
+        return
+    if not _ours(target, "engine" if option == "--engine" else "onnx"):
+        raise UserError(f"{option} {target} already exists and was not written by export-engine; pass --overwrite "
+                        f"to replace it, or choose another {option}")  # fmt: skip
+
+
+def _prog(args: argparse.Namespace) -> str:
+    return "frcnn export" if getattr(args, "command", None) == "export" else "export-engine"
+
+
+def _check_args(args: argparse.Namespace) -> tuple[int, Path]:
+    """(opset, ONNX output path) after the checks that need no checkpoint; UserError otherwise."""
     from frcnn.export import onnx_export
 
-    start = time.perf_counter()
     opset = onnx_export.check_opset(args.opset if args.opset is not None else onnx_export.DEFAULT_OPSET)
     if args.fp16 and not args.engine:
         raise UserError("--fp16 applies to the TensorRT engine only; add --engine model.engine (the ONNX stays fp32)")
@@ -184,24 +218,68 @@ def run(args: argparse.Namespace) -> int:
     if output.resolve() == Path(args.checkpoint).resolve():
         raise UserError(f"--output {output} is the checkpoint itself; choose another file name")
     onnx_export.check_writable(output)
+    check_replaceable(output, args.overwrite, "--output")
     if args.engine:
+        if Path(args.engine).resolve() in (output.resolve(), Path(args.checkpoint).resolve()):
+            raise UserError(f"--engine {args.engine} is the same file as the checkpoint or --output; choose another")
         onnx_export.check_writable(args.engine)
+        check_replaceable(args.engine, args.overwrite, "--engine")
+    return opset, output
 
+
+_LOAD_FIX = ("Pass the --config the checkpoint was trained with (its training output's config.yaml), or a "
+             "packaged config of the same model.")  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    """Export per ``args`` (see module docstring); returns the exit code. Raises UserError for bad input.
+
+    Ctrl-C: exit code 130 and one message saying what was written (nothing, or the complete ONNX file when
+    the engine build was interrupted) and the command that finishes the job.
+    """
+    done: dict[str, Any] = {}
+    try:
+        return _run(args, done)
+    except KeyboardInterrupt:
+        output = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(".onnx")
+        if "onnx" in done:
+            print(f"{_prog(args)}: interrupted while building the engine; {args.engine} was not written. The ONNX "
+                  f"file {done['onnx']} is complete; build the engine with:\n  export-engine {args.checkpoint} "
+                  f"--output {done['onnx']} --engine {args.engine}", file=sys.stderr)  # fmt: skip
+        else:
+            state = "is unchanged" if done.get("existed") else "was not created"
+            print(f"{_prog(args)}: interrupted; nothing was written ({output} {state}). Run the same command "
+                  "again to export.", file=sys.stderr)  # fmt: skip
+        return 130
+
+
+def _run(args: argparse.Namespace, done: dict[str, Any]) -> int:
+    from frcnn.export import onnx_export
+    from frcnn.export.class_names import parse_class_names, resolve_class_names
+
+    start = time.perf_counter()
+    opset, output = _check_args(args)
+    done["existed"] = output.exists()
+    if args.class_names is not None:
+        parse_class_names(args.class_names)  # a bad value is refused before the checkpoint is read
     from frcnn.trainer.checkpoint import load_checkpoint_state, load_into_model
     from frcnn.trainer.modeling import build_model
 
     state, meta = load_checkpoint_state(args.checkpoint)
     cfg, source = load_config(args.checkpoint, args.config, meta)
+    num = int(cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+    names, ids, names_source = resolve_class_names(num, meta, args.class_names, str(args.checkpoint))
     sizes = _sizes(args, cfg)
     model = build_model(cfg)
-    load_into_model(model, state, strict=True, path=str(args.checkpoint))
-    path = onnx_export.export_onnx(model.eval(), cfg, output, opset=opset, class_names=class_names(cfg, meta),
+    load_into_model(model, state, strict=True, path=str(args.checkpoint), fix=_LOAD_FIX)
+    path = onnx_export.export_onnx(model.eval(), cfg, output, opset=opset, class_names=names, category_ids=ids,
                                    max_batch=args.max_batch, max_side=max(sizes[2]),
-                                   example_hw=(sizes[1][0], sizes[1][1]))
+                                   example_hw=(sizes[1][0], sizes[1][1]))  # fmt: skip
+    done["onnx"] = path
     import onnx
 
     info = onnx_export.describe(onnx.load(str(path), load_external_data=False))
-    print(summary(info, path, time.perf_counter() - start, source))
+    print(summary(info, path, time.perf_counter() - start, source, names_source))
     if args.engine:
         return _build_engine(args, path, sizes)
     print(f"next: run it with ONNX Runtime (`frcnn infer {path} IMAGE`), or build a TensorRT engine on a GPU "

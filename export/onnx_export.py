@@ -118,8 +118,13 @@ def cleanup(model: onnx.ModelProto) -> onnx.ModelProto:
     return result
 
 
-def metadata(cfg: Any, class_names: Sequence[str], opset: int, size_divisibility: int = 32) -> dict[str, str]:
-    """The ``metadata_props`` of the exported model (all values are strings; lists/dicts as JSON)."""
+def metadata(cfg: Any, class_names: Sequence[str], opset: int, size_divisibility: int = 32,
+             category_ids: Sequence[int] | None = None) -> dict[str, str]:
+    """The ``metadata_props`` of the exported model (all values are strings; lists/dicts as JSON).
+
+    ``class_names[k]`` names class ``k`` of the ``classes`` output; ``category_ids[k]`` (when known: the
+    training dataset's COCO category id of class ``k``) is stored as ``category_ids``.
+    """
     import onnxscript
     from frcnn.plugins import DOMAIN, PLUGIN_VERSION
 
@@ -129,8 +134,10 @@ def metadata(cfg: Any, class_names: Sequence[str], opset: int, size_divisibility
         frcnn_version = version("frcnn-deploy")
     except Exception:  # noqa: BLE001 - not installed as a distribution (source checkout)
         frcnn_version = "unknown"
+    ids = {"category_ids": json.dumps([int(i) for i in category_ids])} if category_ids is not None else {}
     return {
         "class_names": json.dumps(list(class_names)),
+        **ids,
         "num_classes": str(int(cfg.MODEL.ROI_HEADS.NUM_CLASSES)),
         "input_format": json.dumps({
             "images": "uint8 [B, 3, H, W], channels " + str(cfg.INPUT.FORMAT) + ", values 0..255, resized, the "
@@ -184,7 +191,8 @@ def write_atomic(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
 
 def to_onnx_model(model: nn.Module, cfg: Any, *, opset: int = DEFAULT_OPSET,
                   class_names: Sequence[str] | None = None, max_batch: int = 8, max_side: int = 4096,
-                  example_hw: tuple[int, int] | None = None, return_proposals: bool = False) -> onnx.ModelProto:
+                  example_hw: tuple[int, int] | None = None, return_proposals: bool = False,
+                  category_ids: Sequence[int] | None = None) -> onnx.ModelProto:
     """The exported, named, cleaned, function-carrying and checked ModelProto (see the module docstring).
 
     model: GeneralizedRCNN (put in eval mode here). example_hw: (H, W) of the trace example (symbolic
@@ -208,7 +216,7 @@ def to_onnx_model(model: nn.Module, cfg: Any, *, opset: int = DEFAULT_OPSET,
     proto = name_graph(proto, list(cfg.MODEL.ROI_HEADS.IN_FEATURES))
     proto = cleanup(proto)
     proto.graph.name = "frcnn_faster_rcnn_fpn"
-    props = metadata(cfg, names, opset, int(getattr(model.backbone, "size_divisibility", 0) or 1))
+    props = metadata(cfg, names, opset, int(getattr(model.backbone, "size_divisibility", 0) or 1), category_ids)
     proto.producer_name, proto.producer_version = "frcnn-deploy", props["frcnn_deploy_version"]
     onnx_registry.attach_functions(proto)
     del proto.metadata_props[:]
@@ -220,7 +228,8 @@ def to_onnx_model(model: nn.Module, cfg: Any, *, opset: int = DEFAULT_OPSET,
 
 def export_onnx(model: nn.Module, cfg: Any, output_path: str | os.PathLike[str], *, opset: int = DEFAULT_OPSET,
                 class_names: Sequence[str] | None = None, max_batch: int = 8, max_side: int = 4096,
-                example_hw: tuple[int, int] | None = None, return_proposals: bool = False) -> Path:
+                example_hw: tuple[int, int] | None = None, return_proposals: bool = False,
+                category_ids: Sequence[int] | None = None) -> Path:
     """Export ``model`` (GeneralizedRCNN) to ``output_path`` atomically; returns the path.
 
     Dynamic axes: batch (1..max_batch), height and width (MIN_IMAGE_SIDE..max_side). Raises UserError for an
@@ -229,7 +238,8 @@ def export_onnx(model: nn.Module, cfg: Any, output_path: str | os.PathLike[str],
     check_opset(opset)
     check_writable(output_path)
     proto = to_onnx_model(model, cfg, opset=opset, class_names=class_names, max_batch=max_batch,
-                          max_side=max_side, example_hw=example_hw, return_proposals=return_proposals)
+                          max_side=max_side, example_hw=example_hw, return_proposals=return_proposals,
+                          category_ids=category_ids)
     return write_atomic(proto, output_path)
 
 

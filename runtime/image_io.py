@@ -152,9 +152,10 @@ def _beyond_pillow_limit(read: Callable[[], T]) -> T:
             return read()
 
 
-def probe_image(path: str | os.PathLike[str]) -> tuple[int, int]:
+def probe_image(path: str | os.PathLike[str], oriented: bool = False) -> tuple[int, int]:
     """``(width, height)`` after checking the header only (exists, readable, known format, supported mode,
-    one frame, within the size limit); no pixels are decoded. The EXIF orientation is not applied.
+    one frame, within the size limit); no pixels are decoded. With ``oriented`` the size is the one after the
+    EXIF orientation (what :func:`read_image` returns), else the stored one.
 
     Raises:
         ImageError: naming the file and the problem.
@@ -163,9 +164,15 @@ def probe_image(path: str | os.PathLike[str]) -> tuple[int, int]:
 
     def probe() -> tuple[int, int]:
         with _errors_named(name), _open(name) as image:
-            return _check_header(name, image)
+            w, h = _check_header(name, image)
+            return (h, w) if oriented and _exif_orientation(image) in (5, 6, 7, 8) else (w, h)
 
     return _beyond_pillow_limit(probe)
+
+
+def _exif_orientation(image: Image.Image) -> int:
+    """EXIF orientation tag (1 when absent), read without decoding the pixels."""
+    return int(image.getexif().get(0x0112, 1) or 1)
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:

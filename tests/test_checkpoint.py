@@ -184,7 +184,7 @@ def test_wrong_class_count(tmp_path):
     msg = _one_paragraph_error(excinfo, path)
     assert "roi_heads.box_predictor: 4 shape mismatches" in msg
     assert "cls_score.weight (4, 8) in file vs (81, 8) in model" in msg
-    assert "set MODEL.ROI_HEADS.NUM_CLASSES 3" in msg
+    assert "set MODEL.ROI_HEADS.NUM_CLASSES to 3" in msg
 
 
 def test_wrong_architecture(tmp_path):
@@ -194,7 +194,7 @@ def test_wrong_architecture(tmp_path):
         load_checkpoint(_tiny_detector(R50_BLOCKS), path)
     msg = _one_paragraph_error(excinfo, path)
     assert "backbone.bottom_up: 255 unexpected keys (res4.6..22)" in msg  # 17 blocks x 15 keys
-    assert "set MODEL.RESNETS.DEPTH 101" in msg
+    assert "set MODEL.RESNETS.DEPTH to 101" in msg
     assert "missing" not in msg
     with pytest.raises(CheckpointError) as excinfo:
         load_checkpoint(_tiny_detector(R101_BLOCKS), tmp_path / "r50.pth")  # missing file
@@ -203,7 +203,7 @@ def test_wrong_architecture(tmp_path):
     with pytest.raises(CheckpointError) as excinfo:
         load_checkpoint(_tiny_detector(R101_BLOCKS), path50)
     msg = _one_paragraph_error(excinfo, path50)
-    assert "backbone.bottom_up: 255 missing keys (res4.6..22)" in msg and "DEPTH 50" in msg
+    assert "backbone.bottom_up: 255 missing keys (res4.6..22)" in msg and "DEPTH to 50" in msg
 
 
 def test_non_strict_loads_what_matches(tmp_path, caplog):
@@ -214,7 +214,7 @@ def test_non_strict_loads_what_matches(tmp_path, caplog):
     before = dst.roi_heads.box_predictor.cls_score.weight.clone()
     with caplog.at_level(logging.WARNING, logger="frcnn.trainer.checkpoint"):
         load_checkpoint(dst, path, strict=False)
-    assert "NUM_CLASSES 3" in caplog.text
+    assert "NUM_CLASSES to 3" in caplog.text
     assert torch.equal(dst.roi_heads.box_predictor.cls_score.weight, before)
     assert torch.equal(
         dst.backbone.bottom_up.res5[2].conv3.weight, src.backbone.bottom_up.res5[2].conv3.weight

@@ -132,6 +132,9 @@ def _read_pickle(path: str, data: bytes) -> Any:
 
 
 def _read_file(path: str) -> Any:
+    if os.path.isdir(path):
+        raise CheckpointError(f"Checkpoint '{path}' is a directory; pass the checkpoint file inside it, e.g. "
+                              f"'{os.path.join(path, 'model_final.pth')}'.")  # fmt: skip
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -303,12 +306,13 @@ def _hints(report: LoadReport, file_keys: list[str], model_keys: list[str]) -> l
     for key, file_shape, _ in report.mismatched:
         if key.endswith("box_predictor.cls_score.weight") and file_shape:
             n = file_shape[0] - 1
-            hints.append(f"the checkpoint was trained for {n} classes; set MODEL.ROI_HEADS.NUM_CLASSES {n}")
+            hints.append(f"the checkpoint was trained for {n} classes; set MODEL.ROI_HEADS.NUM_CLASSES to {n} in "
+                         "the config")
     file_depth, model_depth = _resnet_depth(file_keys), _resnet_depth(model_keys)
     if file_depth and model_depth and file_depth != model_depth:
         hints.append(
             f"the checkpoint is a ResNet-{file_depth} and the model a ResNet-{model_depth}; "
-            f"set MODEL.RESNETS.DEPTH {file_depth} (or use the matching config)"
+            f"set MODEL.RESNETS.DEPTH to {file_depth} in the config (or use the matching config)"
         )
     return hints
 
@@ -354,12 +358,14 @@ def compare_state(model_state: dict[str, torch.Tensor], state: dict[str, torch.T
 
 
 def load_into_model(
-    model: nn.Module, state: dict[str, torch.Tensor], strict: bool = True, path: str = "<state dict>"
+    model: nn.Module, state: dict[str, torch.Tensor], strict: bool = True, path: str = "<state dict>",
+    fix: str | None = None,
 ) -> LoadReport:
     """Copy ``state`` into ``model`` (parameters and persistent buffers, dtype cast to the model's).
 
     strict=True: any missing / unexpected / shape-mismatched key raises one ``CheckpointError`` paragraph and
-    nothing is loaded. strict=False: the report is logged as a warning and every matching key is loaded.
+    nothing is loaded; it ends with ``fix`` (a command-line tool passes its own advice) or, by default, the
+    API's (``strict=False``). strict=False: the report is logged as a warning and every matching key is loaded.
     ``pixel_mean`` / ``pixel_std`` / ``cell_anchors`` entries of old checkpoints are ignored (logged).
     """
     model_state = model.state_dict()
@@ -369,7 +375,7 @@ def load_into_model(
     if not report.ok:
         message = format_report(report, path, list(state), list(model_state))
         if strict:
-            raise CheckpointError(message + " Pass strict=False to load the matching weights only.")
+            raise CheckpointError(message + " " + (fix or "Pass strict=False to load the matching weights only."))
         logger.warning("%s Loading the %d matching keys only (strict=False).", message, len(report.loaded))
     with torch.no_grad():
         for key in report.loaded:

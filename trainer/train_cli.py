@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 from typing import Any
 
@@ -24,10 +25,14 @@ def build_config(config: str, opts: list[str]) -> Any:
     """get_cfg() + the file (or packaged name) + KEY VALUE overrides; ConfigError names a bad key/value."""
     from frcnn.trainer.config import available_configs, get_cfg, model_zoo_config
 
+    options = [o for o in opts[0::2] if o.startswith("--")]
+    if options:
+        raise ConfigError(f"{options[0]} must come before the KEY VALUE overrides (everything after the first "
+                          f"override is read as KEY VALUE pairs); move it before {opts[0]}")  # fmt: skip
     if len(opts) % 2:
         raise ConfigError(f"overrides must be KEY VALUE pairs; got an odd number of items: {' '.join(opts)}")
     path = config
-    if not os.path.isfile(config):
+    if not os.path.exists(config):
         if config not in available_configs():
             raise ConfigError(f"config {config!r} is neither a file nor a packaged config; packaged: "
                               f"{', '.join(available_configs())}.")  # fmt: skip
@@ -63,6 +68,8 @@ def run_train(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")  # fmt: skip
+    if args.log_period < 1:
+        raise UserError(f"--log-period {args.log_period}: give a number of iterations >= 1")
     cfg = build_config(args.config, args.opts)
     dataset = load_dataset(args.data, "train")
     _set_num_classes(cfg, args.num_classes, dataset[1].num_classes, dataset[1].thing_classes)
@@ -72,6 +79,10 @@ def run_train(args: argparse.Namespace) -> int:
     except NonFiniteLossError as exc:
         print(f"frcnn train: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        if rank == 0:
+            print(interrupted_message(args, int(cfg.SOLVER.MAX_ITER)), file=sys.stderr)
+        return 130
     if rank == 0:  # the process group is gone by now: torchrun's RANK decides who reports
         final = summary["final_checkpoint"]
         print(f"frcnn train: iterations {summary['start_iter']}..{summary['max_iter'] - 1} done; "
@@ -80,6 +91,25 @@ def run_train(args: argparse.Namespace) -> int:
             ev = summary["eval"]
             print("frcnn train: " + ", ".join(f"{k} {100 * ev[k]:.1f}" for k in ("AP", "AP50", "AP75") if k in ev))
     return 0
+
+
+def interrupted_message(args: argparse.Namespace, max_iter: int) -> str:
+    """What Ctrl-C left in OUT (the last checkpoint and its iteration, or nothing) and the command to resume."""
+    from frcnn.trainer.engine.run_dir import last_saved
+
+    command = ["frcnn", "train", "--config", args.config, "--data", args.data, "--output", args.output, "--resume"]
+    if args.num_classes != "auto":
+        command += ["--num-classes", args.num_classes]
+    command = shlex.join(command + list(args.opts))
+    saved = last_saved(args.output) if os.path.isdir(args.output) else None
+    if saved is None:
+        return ("frcnn train: interrupted before the first checkpoint; no checkpoint was written (the first is saved "
+                f"after SOLVER.CHECKPOINT_PERIOD iterations). Start again with the same command; with --resume it "
+                f"starts at iteration 0: {command}")  # fmt: skip
+    path, iteration = saved
+    done = f"iteration {iteration}" if iteration is not None else f"the final iteration {max_iter - 1}"
+    return (f"frcnn train: interrupted. The last checkpoint is {path} ({done}); iterations after it are lost. "
+            f"Resume from it with:\n  {command}")  # fmt: skip
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

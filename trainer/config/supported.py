@@ -28,6 +28,7 @@ export accept a config whatever its training-only settings, because they do not 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from frcnn.runtime.errors import ConfigError
@@ -60,8 +61,8 @@ def check_supported(cfg: CfgNode, training: bool = False) -> None:
         raise ConfigError(
             "the config uses settings that frcnn does not implement (it builds detectron2's Faster R-CNN "
             f"with a ResNet-FPN backbone, Base-RCNN-FPN):\n{lines}\n"
-            "Change these keys (in the YAML file or with KEY VALUE overrides) or start from a packaged "
-            "config, e.g. model_zoo_config('COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml')."
+            "Change these keys in the config file (`frcnn train` also takes KEY VALUE overrides) or start from "
+            "a packaged config, e.g. COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml."
         )
 
 
@@ -190,6 +191,29 @@ def _check_training(cfg: CfgNode, problems: list[str]) -> None:
     # Steps beyond MAX_ITER are never reached (detectron2 ignores them with a warning): allowed.
     if list(s.STEPS) != sorted(s.STEPS):
         problems.append(f"SOLVER.STEPS = {s.STEPS!r}: must be increasing")
+    _check_solver_numbers(cfg, problems)
+
+
+def _check_solver_numbers(cfg: CfgNode, problems: list[str]) -> None:
+    """Numbers that would make training meaningless (NaN learning rate, no iterations, empty batches)."""
+    s = cfg.SOLVER
+    for key, low, low_ok in (("BASE_LR", 0.0, False), ("MOMENTUM", 0.0, True), ("WEIGHT_DECAY", 0.0, True),
+                             ("GAMMA", 0.0, False), ("WARMUP_FACTOR", 0.0, False)):  # fmt: skip
+        value = s[key]
+        if value is None or not math.isfinite(float(value)) or (float(value) < low if low_ok else float(value) <= low):
+            problems.append(f"SOLVER.{key} = {value!r}: must be a finite number {'>=' if low_ok else '>'} {low}")
+    for key, low in (("MAX_ITER", 1), ("IMS_PER_BATCH", 1), ("WARMUP_ITERS", 0)):
+        if s[key] is None or int(s[key]) < low:
+            problems.append(f"SOLVER.{key} = {s[key]!r}: must be an integer >= {low}")
+    if any(int(step) < 0 for step in s.STEPS):
+        problems.append(f"SOLVER.STEPS = {s.STEPS!r}: iterations must be >= 0")
+    sizes = list(cfg.INPUT.MIN_SIZE_TRAIN) if isinstance(cfg.INPUT.MIN_SIZE_TRAIN, (list, tuple)) else [
+        cfg.INPUT.MIN_SIZE_TRAIN]  # fmt: skip
+    if not sizes or any(int(v) < 1 for v in sizes) or int(cfg.INPUT.MAX_SIZE_TRAIN) < 1:
+        problems.append(f"INPUT.MIN_SIZE_TRAIN / MAX_SIZE_TRAIN = {cfg.INPUT.MIN_SIZE_TRAIN!r} / "
+                        f"{cfg.INPUT.MAX_SIZE_TRAIN!r}: image sides must be >= 1")  # fmt: skip
+    if int(cfg.DATALOADER.NUM_WORKERS) < 0:
+        problems.append(f"DATALOADER.NUM_WORKERS = {cfg.DATALOADER.NUM_WORKERS!r}: must be >= 0")
 
 
 def _as_lists(value: Any) -> Any:

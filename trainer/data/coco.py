@@ -40,6 +40,7 @@ __all__ = [
     "filter_images_without_annotations",
     "load_coco_json",
     "load_coco_split",
+    "probe_image",
     "read_coco_json",
 ]
 
@@ -107,6 +108,9 @@ def load_coco_split(
 def load_dataset(data_dir: str | os.PathLike[str], split: str) -> tuple[list[dict[str, Any]], DatasetMeta]:
     """:func:`load_coco_split` of an existing folder; a missing folder is a UserError naming the fix."""
     folder = os.fspath(data_dir)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"--data {folder} is a file; pass the dataset folder (annotations/instances_{split}.json "
+                        f"and {split}/ inside)")
     if not os.path.isdir(folder):
         raise UserError(f"dataset folder {folder} does not exist. Pass a folder with annotations/"
                         f"instances_{split}.json and {split}/ (e.g. made by `frcnn data synth {folder}`).")
@@ -309,15 +313,21 @@ def _check_files(records: list[dict[str, Any]], json_file: str, image_root: str)
             f"{len(missing)} of {len(records)} image files named in {json_file} are missing: "
             f"{shown}. Fix the image folder ({image_root}) or remove those images from the JSON."
         )
-    bad = []  # header only (format, mode, frames, size limit): cheap, and before any DataLoader worker starts
-    for record in records:
+    bad = []  # header only (format, mode, frames, size limit, oriented size): before any DataLoader worker
+    for r in records:
         try:
-            probe_image(record["file_name"])
+            w, h = probe_image(r["file_name"], oriented=True)
         except ImageError as exc:
             bad.append(str(exc))
+            continue
+        if (w, h) != (r["width"], r["height"]):
+            bad.append(f"{r['file_name']} is {w}x{h} (WxH) but {json_file} says {r['width']}x{r['height']}")
     if bad:
-        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise UserError(f"{len(bad)} of {len(records)} images named in {json_file} cannot be used: {bad[0]}{more}")
+        shown = "; ".join(bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise UserError(
+            f"{len(bad)} of {len(records)} images named in {json_file} cannot be used: {shown}. Replace those "
+            "files, fix 'width'/'height' in the JSON, or remove the images from it."
+        )
 
 
 def _warn_repairs(json_file: str, stats: LoadStats) -> None:

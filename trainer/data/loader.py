@@ -100,7 +100,28 @@ class _TrainStream(IterableDataset):
         for n, index in enumerate(stream):
             if n % workers == worker:
                 rng = np.random.default_rng([self.seed, self.rank, n])
-                yield self.mapper(self.dataset_dicts[index], rng)
+                if info is None:
+                    yield self.mapper(self.dataset_dicts[index], rng)
+                    continue
+                try:
+                    yield self.mapper(self.dataset_dicts[index], rng)
+                except UserError as exc:  # re-raised by the main process as itself, without the worker's traceback
+                    yield WorkerUserError(type(exc), str(exc))
+                    return
+
+
+class WorkerUserError:
+    """A UserError raised by the mapper inside a DataLoader worker, carried to the main process as a sample.
+
+    torch would re-raise it with the worker's traceback pasted into the message; the batching step re-raises
+    the original class with the original message instead (one clear line, e.g. naming the unreadable image).
+    """
+
+    def __init__(self, cls: type[UserError], message: str) -> None:
+        self.cls, self.message = cls, message
+
+    def reraise(self) -> None:
+        raise self.cls(self.message)
 
 
 class _Grouped:
@@ -112,6 +133,8 @@ class _Grouped:
     def __iter__(self) -> Iterator[list[dict[str, Any]]]:
         buckets: list[list[dict[str, Any]]] = [[], []]
         for d in self.samples:
+            if isinstance(d, WorkerUserError):
+                d.reraise()
             bucket = buckets[(0 if d["width"] > d["height"] else 1) if self.group else 0]
             bucket.append(d)
             if len(bucket) == self.batch_size:

@@ -19,13 +19,14 @@ batches, same random sampling, same losses as an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import logging
 import os
 import random
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -40,11 +41,10 @@ from .hooks import (
     MetricsWriter,
     PeriodicCheckpointer,
     ProgressBar,
-    find_last_checkpoint,
     set_rng_state,
-    write_text_atomic,
 )
 from .resume import resumable_train_loader
+from .run_dir import check_output_dir, claim_output, read_resume_state, resolve_resume
 from .solver import build_lr_scheduler, build_optimizer
 from .trainer import Trainer
 
@@ -68,7 +68,7 @@ def select_device(requested: str, local_rank: int = 0) -> torch.device:
     if kind == "cuda":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank % torch.cuda.device_count())
-        logger.warning("MODEL.DEVICE is %r but no CUDA GPU is available: training on the CPU", requested)
+        logger.warning("MODEL.DEVICE is %r but no CUDA GPU is available: using the CPU", requested)
         return torch.device("cpu")
     if kind != "cpu":
         raise ConfigError(f"MODEL.DEVICE {requested!r}: use 'cuda' or 'cpu'.")
@@ -127,55 +127,66 @@ def train(
     """Train ``cfg`` on ``data_dir`` (COCO layout: annotations/instances_<split>.json + <split>/) into
     ``output_dir``; see the module docstring. Returns ``{"start_iter", "max_iter", "final_checkpoint",
     "eval"}`` (eval: metrics of the last evaluation on rank 0, or {}). ``dataset``: the already loaded
-    ``load_coco_split(data_dir, train_split)`` result (else it is loaded here)."""
+    ``load_coco_split(data_dir, train_split)`` result (else it is loaded here).
+
+    Nothing is written into ``output_dir`` before every check passed: config, output folder, data, weights
+    and (``resume``) the checkpoint named by ``OUT/last_checkpoint`` (see :mod:`.run_dir`).
+    """
+    from frcnn.trainer.checkpoint import load_into_model
     from frcnn.trainer.config import check_supported
     from frcnn.trainer.modeling import build_model
 
     check_supported(cfg, training=True)
+    check_output_dir(output_dir, data_dir)
+    checkpoint = resolve_resume(output_dir) if resume else None
     ctx = init_distributed(cfg.MODEL.DEVICE)
     try:
         dicts, meta = load_dataset(data_dir, train_split) if dataset is None else dataset
         if meta.num_classes > cfg.MODEL.ROI_HEADS.NUM_CLASSES:
             raise ConfigError(f"the dataset has {meta.num_classes} classes but MODEL.ROI_HEADS.NUM_CLASSES is "
                               f"{cfg.MODEL.ROI_HEADS.NUM_CLASSES}; set it to {meta.num_classes}.")  # fmt: skip
-        if is_main_process():
-            os.makedirs(output_dir, exist_ok=True)
-            write_text_atomic(os.path.join(output_dir, "config.yaml"), cfg.dump())
-        barrier()
-        checkpoint = find_last_checkpoint(output_dir) if resume else None
         if resume and checkpoint is None and is_main_process():
-            logger.warning("--resume: no checkpoint in %s, starting from iteration 0", output_dir)
+            logger.warning("--resume: no last_checkpoint in %s, starting from iteration 0", output_dir)
+        resumed = read_resume_state(checkpoint) if checkpoint is not None else None
         seed = int(cfg.SEED) if int(cfg.SEED) >= 0 else _shared_random_seed()
         seed_all(seed + ctx.rank)
         model = build_model(cfg).to(ctx.device)
-        if cfg.MODEL.WEIGHTS and checkpoint is None:
+        if resumed is not None:
+            load_into_model(model, resumed[0], strict=True, path=str(checkpoint), fix=_RESUME_FIX)
+        elif cfg.MODEL.WEIGHTS:
             _init_weights(model, cfg.MODEL.WEIGHTS)
         optimizer = build_optimizer(cfg, model)
         scheduler = build_lr_scheduler(cfg, optimizer)
-        return _run(cfg, ctx, model, optimizer, scheduler, (dicts, meta), data_dir, output_dir, checkpoint,
-                    seed, {"eval_split": eval_split, "log_period": log_period, "progress": progress,
-                           "keep": keep_checkpoints, "extra_hooks": extra_hooks})  # fmt: skip
+        opts = {"eval_split": eval_split, "log_period": log_period, "progress": progress, "keep": keep_checkpoints,
+                "extra_hooks": extra_hooks, "checkpoint": checkpoint}  # fmt: skip
+        return _run(cfg, ctx, model, optimizer, scheduler, (dicts, meta), data_dir, output_dir,
+                    resumed[1] if resumed else None, seed, opts)  # fmt: skip
     finally:
         if ctx.created_group:
             dist.destroy_process_group()
 
 
-def _run(cfg: Any, ctx: DistContext, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-         data: tuple[list[dict[str, Any]], Any], data_dir: str, output_dir: str, checkpoint: str | None,
-         seed: int, opts: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
-    from frcnn.trainer.checkpoint import load_checkpoint_state, load_into_model
+_RESUME_FIX = ("Resume with the config the run was started with (OUT/config.yaml, and the same KEY VALUE "
+               "overrides), or train into a new --output without --resume.")  # fmt: skip
 
+
+def class_metadata(meta: Any, num_classes: int) -> dict[str, list[Any]]:
+    """``class_names`` (one per model class: the dataset's, then ``class_<i>`` for extra --num-classes) and
+    ``category_ids`` (the dataset's COCO category id of each contiguous class) stored in every checkpoint."""
+    names = list(meta.thing_classes) + [f"class_{i}" for i in range(meta.num_classes, num_classes)]
+    return {"class_names": names, "category_ids": [int(i) for i in meta.thing_dataset_ids]}
+
+
+def _run(cfg: Any, ctx: DistContext, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+         data: tuple[list[dict[str, Any]], Any], data_dir: str, output_dir: str, saved: dict[str, Any] | None,
+         seed: int, opts: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
     amp = bool(cfg.SOLVER.AMP.ENABLED)
     if amp and ctx.device.type != "cuda":
         warnings.warn("SOLVER.AMP.ENABLED is ignored on the CPU (mixed precision runs on CUDA only).", stacklevel=2)
     clip = dict(cfg.SOLVER.CLIP_GRADIENTS) if cfg.SOLVER.CLIP_GRADIENTS.ENABLED else None
-    start_iter, data_seed, saved = 0, seed, None
-    if checkpoint is not None:
-        state, saved = load_checkpoint_state(checkpoint)
-        load_into_model(model, state, strict=True, path=checkpoint)
+    start_iter, data_seed = 0, seed
+    if saved is not None:
         start_iter, data_seed = int(saved["iteration"]) + 1, int(saved.get("data_seed", seed))
-        if is_main_process():
-            logger.info("resuming from %s at iteration %d", checkpoint, start_iter)
     if ctx.world_size > 1:
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         model = _wrap_ddp(model, ids)
@@ -184,28 +195,54 @@ def _run(cfg: Any, ctx: DistContext, model: torch.nn.Module, optimizer: torch.op
     loader = resumable_train_loader(cfg, dicts, start_iter=min(start_iter, max_iter), seed=data_seed,
                                     rank=ctx.rank, world_size=ctx.world_size)  # fmt: skip
     writer = MetricsWriter(output_dir, period=opts["log_period"])
+    extra = {"cfg": cfg.dump(), "data_seed": data_seed, **class_metadata(data[1], int(cfg.MODEL.ROI_HEADS.NUM_CLASSES))}
     hooks: list[Any] = [PeriodicCheckpointer(output_dir, int(cfg.SOLVER.CHECKPOINT_PERIOD), keep=opts["keep"],
-                                             extra={"cfg": cfg.dump(), "data_seed": data_seed})]  # fmt: skip
+                                             extra=extra)]  # fmt: skip
     eval_hook = _eval_hook(cfg, model, data_dir, opts["eval_split"], output_dir, ctx, writer)
     hooks += [h for h in (eval_hook, writer, ProgressBar(opts["progress"])) if h is not None]
     hooks += list(opts["extra_hooks"])
     trainer = Trainer(model, optimizer, scheduler, loader, device=ctx.device, hooks=hooks, clip=clip, amp=amp)
     if saved is not None:
-        trainer.load_state_dict(saved)
-        rng = saved.get("rng") or []
-        if len(rng) == ctx.world_size:
-            set_rng_state(rng[ctx.rank])
-        elif is_main_process():
-            logger.warning("checkpoint was written by %d process(es), now %d: random states are not restored",
-                           len(rng), ctx.world_size)  # fmt: skip
+        _restore(trainer, saved, ctx, opts["checkpoint"])
     if start_iter >= max_iter and is_main_process():
         logger.warning("%s is already at iteration %d >= SOLVER.MAX_ITER %d: nothing to train",
-                       checkpoint, start_iter - 1, max_iter)  # fmt: skip
-    trainer.run(start_iter, max_iter)
+                       opts["checkpoint"], start_iter - 1, max_iter)  # fmt: skip
+    with _claimed(output_dir, cfg):
+        trainer.run(start_iter, max_iter)
     final = os.path.join(output_dir, "model_final.pth")
     last_eval = eval_hook.results[max(eval_hook.results)] if eval_hook is not None and eval_hook.results else {}
     return {"start_iter": start_iter, "max_iter": max_iter, "eval": last_eval,
             "final_checkpoint": final if os.path.isfile(final) else None}  # fmt: skip
+
+
+def _restore(trainer: Trainer, saved: dict[str, Any], ctx: DistContext, checkpoint: str) -> None:
+    """Optimizer / scheduler / RNG state of the resumed checkpoint; CheckpointError when it does not fit."""
+    try:
+        trainer.load_state_dict(saved)
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(f"--resume: the optimizer state in {checkpoint} does not fit this model/config "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+                              + _RESUME_FIX) from None  # fmt: skip
+    if is_main_process():
+        logger.info("resuming from %s at iteration %d", checkpoint, int(saved["iteration"]) + 1)
+    rng = saved.get("rng") or []
+    if len(rng) == ctx.world_size:
+        set_rng_state(rng[ctx.rank])
+    elif is_main_process():
+        logger.warning("checkpoint was written by %d process(es), now %d: random states are not restored",
+                       len(rng), ctx.world_size)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _claimed(output_dir: str, cfg: Any) -> Iterator[None]:
+    """All checks passed: rank 0 claims OUT (:func:`.run_dir.claim_output`: lock, config.yaml), then train."""
+    if not is_main_process():
+        barrier()
+        yield
+        return
+    with claim_output(output_dir, cfg.dump()):
+        barrier()
+        yield
 
 
 def _wrap_ddp(model: torch.nn.Module, device_ids: list[int] | None) -> torch.nn.Module:
