@@ -5,8 +5,10 @@
 
 Build steps: register the ``frcnn`` plugins (``frcnn.plugins.tensorrt``), strip the model-local functions of
 the ``frcnn`` ops (so the parser can only map the nodes to the plugins), optionally convert to fp16 types
-(:func:`frcnn.export.fp16.to_fp16_onnx`; TensorRT 11 has no BuilderFlag.FP16), parse into a STRONGLY_TYPED
-network (valid on TensorRT 10.9+ and 11.x), one optimization profile, timing cache load/save, serialize.
+(:func:`frcnn.export.fp16.to_fp16_onnx`; TensorRT 11 has no BuilderFlag.FP16), parse into a strongly typed
+network (:func:`network_flags`: the STRONGLY_TYPED flag on 10.x; on 11.x every network is strongly typed and
+the flag is deprecated and ignored, so none is passed), one optimization profile, timing cache load/save,
+serialize.
 The engine and ``<engine>.json`` are written atomically (temp file + os.replace).
 
 Importing this module imports only the standard library (the runtime imports :func:`check_engine_compat`);
@@ -33,6 +35,7 @@ from frcnn.runtime.engine_sidecar import (
 )
 from frcnn.runtime.errors import UserError
 from frcnn.runtime.fileio import atomic_write
+from frcnn.runtime.tensorrt_env import parse_version
 
 DEFAULT_WORKSPACE = 4 << 30
 NO_TENSORRT_EXIT_CODE = 3
@@ -113,7 +116,7 @@ def build_engine(onnx_path: str | os.PathLike[str], engine_path: str | os.PathLi
     model = _load_for_tensorrt(Path(onnx_path), fp16)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(model.SerializeToString(), str(Path(onnx_path).resolve())):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
@@ -140,6 +143,17 @@ def build_engine(onnx_path: str | os.PathLike[str], engine_path: str | os.PathLi
     _atomic_write(sidecar_path(engine), json.dumps(sidecar, indent=2).encode())
     return EngineInfo(engine, sidecar_path(engine), trt.__version__, gpu.name, gpu.cc_string(), fp16, profile,
                       sidecar)
+
+
+def network_flags(trt: Any) -> int:
+    """``create_network`` flags for a strongly typed network on the installed TensorRT (``trt`` module).
+
+    TensorRT 10.x: ``1 << STRONGLY_TYPED`` (weak typing is still the default there). TensorRT 11+: 0, as
+    weak typing was removed and ``STRONGLY_TYPED`` is deprecated and ignored.
+    """
+    if parse_version(str(trt.__version__))[:1] < (11,):
+        return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    return 0
 
 
 def to_fp16_onnx(model: Any, keep_fp32: Any = None) -> Any:
@@ -200,6 +214,7 @@ __all__ = [
     "check_engine_compat",
     "image_profile",
     "make_sidecar",
+    "network_flags",
     "read_sidecar",
     "sidecar_path",
     "to_fp16_onnx",
