@@ -96,8 +96,11 @@ def env_step(ck: Check) -> dict[str, Any]:
         info["gpu"] = f"none ({exc})"
         return info
     props = torch.cuda.get_device_properties(0)
-    info.update(gpu=props.name, compute_capability=f"{props.major}.{props.minor}",
-                peak_gbps=peak_bandwidth(torch) / 1e9)
+    info.update(gpu=props.name, compute_capability=f"{props.major}.{props.minor}")
+    try:
+        info["peak_gbps"] = peak_bandwidth(torch) / 1e9
+    except RuntimeError as exc:  # recorded here; kernel_time_vs_floor then errors with the same reason
+        info["peak_gbps"] = str(exc)
     return info
 
 
