@@ -1,15 +1,17 @@
 """Cost of opt-in shape bucketing on real photos: detections of the padded-to-32 input vs the bucket-padded input.
 
-    python bench/bench_shape_buckets.py [--config COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml] [--out JSON]
+    python bench/bench_shape_buckets.py [--config COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml]
+        [--weights model.pth] [--out JSON]
 
 Photos: the colour photographs bundled in the scikit-image wheel (no network): astronaut, coffee, chelsea,
 rocket, hubble_deep_field, retina, camera (grey -> 3 channels). Each is resized by detectron2's
 ResizeShortestEdge of the config (frcnn.runtime.preprocess), padded to 32 (unbucketed) or to the default
 bucket ladder (frcnn.runtime.shape_buckets), and run through the PyTorch model; the runtime backends are exact
 to PyTorch on the same feed (tests/test_runtime.py, tests/test_shape_buckets.py), so this is the runtime's
-difference too. Weights: no pretrained weights exist offline, so the model is tests/model_utils.lively_model
-(random init, FrozenBN calibrated on one image, heads scaled to give detections) -- the numbers measure how
-much the padded area moves the detector's outputs, not accuracy.
+difference too. Weights: ``--weights`` (a detectron2 / frcnn checkpoint, loaded strictly by
+frcnn.trainer.checkpoint.load_checkpoint); without it -- as here, where no pretrained weights exist offline --
+tests/model_utils.lively_model (random init, FrozenBN calibrated on one image, heads scaled to give
+detections): the numbers then measure how much the padded area moves the outputs, not accuracy.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ def compare(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> dict[str,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml")
+    parser.add_argument("--weights", type=Path, default=None, help="checkpoint to load (default: random)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "shape_buckets.json")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO / "tests"))
@@ -80,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     from model_utils import lively_model
 
     cfg, model = lively_model(args.config)
+    if args.weights is not None:
+        from frcnn.trainer.checkpoint import load_checkpoint
+
+        load_checkpoint(model, args.weights)
     short, max_size = cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST
     prep, sides = Preprocessor(short, max_size), default_sides(short, max_size, 32)
     rows = []
@@ -98,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                **compare(outs[0], outs[1]), "seconds": round(time.perf_counter() - start, 1)}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    result = {"config": args.config, "weights": "tests/model_utils.lively_model (random, no pretrained weights "
-              "offline)", "ladder": list(sides), "torch": torch.__version__, "rows": rows}
+    weights = str(args.weights) if args.weights else "tests/model_utils.lively_model (random, no pretrained weights)"
+    result = {"config": args.config, "weights": weights, "ladder": list(sides), "torch": torch.__version__, "rows": rows}
     atomic_write(args.out, json.dumps(result, indent=2).encode())
     print(f"wrote {args.out}")
     return 0
