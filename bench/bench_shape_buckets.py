@@ -1,5 +1,6 @@
 """Cost of opt-in shape bucketing on real photos: detections of the padded-to-32 input vs the bucket-padded input.
 
+    pip install scikit-image   # the photos (bench only; the tests do not need it)
     python bench/bench_shape_buckets.py [--config COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml]
         [--weights model.pth] [--out JSON]
 
