@@ -5,8 +5,10 @@
 
 Build steps: register the ``frcnn`` plugins (``frcnn.plugins.tensorrt``), strip the model-local functions of
 the ``frcnn`` ops (so the parser can only map the nodes to the plugins), optionally convert to fp16 types
-(:func:`frcnn.export.fp16.to_fp16_onnx`; TensorRT 11 has no BuilderFlag.FP16), parse into a STRONGLY_TYPED
-network (valid on TensorRT 10.9+ and 11.x), one optimization profile, timing cache load/save, serialize.
+(:func:`frcnn.export.fp16.to_fp16_onnx`; TensorRT 11 has no BuilderFlag.FP16), parse into a strongly typed
+network (:func:`network_flags`: the STRONGLY_TYPED flag on 10.x; on 11.x every network is strongly typed and
+the flag is deprecated and ignored, so none is passed), one optimization profile, timing cache load/save,
+serialize.
 The engine and ``<engine>.json`` are written atomically (temp file + os.replace).
 
 Importing this module imports only the standard library (the runtime imports :func:`check_engine_compat`);
@@ -15,8 +17,6 @@ onnx and tensorrt are imported inside the functions that need them.
 
 from __future__ import annotations
 
-import datetime
-import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -24,10 +24,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from frcnn.runtime.engine_sidecar import (
+    SIDECAR_FORMAT,
+    check_engine_compat,
+    file_sha256,
+    make_sidecar,
+    read_sidecar,
+    sidecar_path,
+    write_sidecar,
+)
 from frcnn.runtime.errors import UserError
 from frcnn.runtime.fileio import atomic_write
+from frcnn.runtime.tensorrt_env import parse_version
 
-SIDECAR_FORMAT = "frcnn-engine/1"
 DEFAULT_WORKSPACE = 4 << 30
 NO_TENSORRT_EXIT_CODE = 3
 """Exit code of ``export-engine ... --engine`` when the ONNX was written but the engine was skipped."""
@@ -47,12 +56,6 @@ class EngineInfo:
     fp16: bool
     profile: dict[str, dict[str, list[int]]]
     sidecar: dict[str, Any] = field(repr=False)
-
-
-def sidecar_path(engine_path: str | os.PathLike[str]) -> Path:
-    """``model.engine`` -> ``model.engine.json``."""
-    path = Path(engine_path)
-    return path.with_name(path.name + ".json")
 
 
 def image_profile(min_batch: int, opt_batch: int, max_batch: int, min_hw: Sequence[int], opt_hw: Sequence[int],
@@ -113,7 +116,7 @@ def build_engine(onnx_path: str | os.PathLike[str], engine_path: str | os.PathLi
     model = _load_for_tensorrt(Path(onnx_path), fp16)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(model.SerializeToString(), str(Path(onnx_path).resolve())):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
@@ -136,10 +139,21 @@ def build_engine(onnx_path: str | os.PathLike[str], engine_path: str | os.PathLi
     data = bytes(serialized)
     _atomic_write(engine, data)
     sidecar = make_sidecar(data, trt.__version__, gpu, profile, fp16, _metadata(model),
-                           frcnn_trt.aot_records(), onnx_sha256=_sha256_file(Path(onnx_path)))
+                           frcnn_trt.aot_records(), onnx_sha256=file_sha256(Path(onnx_path)))
     _atomic_write(sidecar_path(engine), json.dumps(sidecar, indent=2).encode())
     return EngineInfo(engine, sidecar_path(engine), trt.__version__, gpu.name, gpu.cc_string(), fp16, profile,
                       sidecar)
+
+
+def network_flags(trt: Any) -> int:
+    """``create_network`` flags for a strongly typed network on the installed TensorRT (``trt`` module).
+
+    TensorRT 10.x: ``1 << STRONGLY_TYPED`` (weak typing is still the default there). TensorRT 11+: 0, as
+    weak typing was removed and ``STRONGLY_TYPED`` is deprecated and ignored.
+    """
+    if parse_version(str(trt.__version__))[:1] < (11,):
+        return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    return 0
 
 
 def to_fp16_onnx(model: Any, keep_fp32: Any = None) -> Any:
@@ -187,104 +201,6 @@ def _metadata(model: Any) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
-def make_sidecar(engine_bytes: bytes, tensorrt_version: str, gpu: Any, profile: dict[str, Any], fp16: bool,
-                 metadata: dict[str, str], plugins: list[dict[str, Any]], onnx_sha256: str = "") -> dict[str, Any]:
-    """The sidecar dict for an engine (``gpu`` is a :class:`frcnn.plugins.tensorrt.GpuInfo`)."""
-    return {
-        "format": SIDECAR_FORMAT,
-        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "engine_sha256": hashlib.sha256(engine_bytes).hexdigest(),
-        "engine_bytes": len(engine_bytes),
-        "onnx_sha256": onnx_sha256,
-        "tensorrt_version": tensorrt_version,
-        "gpu": {"name": gpu.name, "compute_capability": gpu.cc_string()},
-        "precision": "fp16" if fp16 else "fp32",
-        "strongly_typed": True,
-        "profile": profile,
-        "metadata": metadata,
-        "plugins": plugins,
-    }
-
-
-def write_sidecar(engine_path: str | os.PathLike[str], sidecar: dict[str, Any]) -> Path:
-    """Write ``sidecar`` as ``<engine_path>.json`` atomically; returns its path."""
-    path = sidecar_path(engine_path)
-    _atomic_write(path, json.dumps(sidecar, indent=2).encode())
-    return path
-
-
-def read_sidecar(engine_path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The engine's sidecar; UserError when it is missing or not a frcnn sidecar."""
-    path = sidecar_path(engine_path)
-    if not path.is_file():
-        raise UserError(f"engine sidecar {path} not found; an engine is only usable with the JSON written "
-                        f"beside it by build_engine (rebuild with export-engine ... --engine {engine_path})")
-    try:
-        sidecar = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"engine sidecar {path} is unreadable ({exc}); rebuild the engine") from None
-    if not isinstance(sidecar, dict) or sidecar.get("format") != SIDECAR_FORMAT:
-        raise UserError(f"{path} is not a frcnn engine sidecar (format {SIDECAR_FORMAT!r}); rebuild the engine")
-    return sidecar
-
-
-def check_engine_compat(engine_path: str | os.PathLike[str], *, tensorrt_version: str | None = None,
-                        gpu: Any = None, verify_hash: bool = True) -> dict[str, Any]:
-    """Check that the engine can be deserialized here, before TensorRT tries; returns the sidecar.
-
-    Args:
-        tensorrt_version / gpu: what this machine has (default: the installed TensorRT and CUDA device 0).
-        verify_hash: compare the engine file's SHA-256 with the sidecar's (catches a stale sidecar).
-    Raises:
-        UserError naming the mismatch: missing engine or sidecar, engine changed after the sidecar was
-        written, other TensorRT version (major.minor.patch), other compute capability. A different GPU
-        model with the same compute capability only warns (TensorRT runs it, possibly slower).
-    """
-    engine = Path(engine_path)
-    if not engine.is_file():
-        raise UserError(f"engine file {engine} not found; build it with export-engine model.pth --engine {engine}")
-    sidecar = read_sidecar(engine)
-    if verify_hash and _sha256_file(engine) != sidecar.get("engine_sha256"):
-        raise UserError(f"engine {engine} does not match its sidecar {sidecar_path(engine)} (SHA-256 differs): "
-                        f"the engine was replaced after the sidecar was written; rebuild both together")
-    if tensorrt_version is None or gpu is None:
-        from frcnn.plugins import tensorrt as frcnn_trt
-
-        tensorrt_version = tensorrt_version or frcnn_trt.require_tensorrt().__version__
-        gpu = gpu or frcnn_trt.current_gpu()
-    _compare(engine, sidecar, tensorrt_version, gpu)
-    return sidecar
-
-
-def _compare(engine: Path, sidecar: dict[str, Any], tensorrt_version: str, gpu: Any) -> None:
-    from frcnn.plugins.tensorrt import parse_version
-
-    built = str(sidecar.get("tensorrt_version", "?"))
-    if parse_version(built)[:3] != parse_version(tensorrt_version)[:3]:
-        raise UserError(f"engine {engine} was built with TensorRT {built}, this machine has TensorRT "
-                        f"{tensorrt_version}; engines only load in the TensorRT version that built them: rebuild "
-                        f"it here (export-engine ... --engine) or install TensorRT {built}")
-    built_gpu = sidecar.get("gpu", {})
-    built_cc = str(built_gpu.get("compute_capability", "?"))
-    if built_cc != gpu.cc_string():
-        raise UserError(f"engine {engine} was built for {built_gpu.get('name', '?')} (compute capability "
-                        f"{built_cc}), this GPU is {gpu.name} (compute capability {gpu.cc_string()}); engines "
-                        f"and their plugin PTX are specific to the GPU architecture: rebuild it on this machine")
-    if built_gpu.get("name") != gpu.name:
-        import warnings
-
-        warnings.warn(f"engine {engine} was built on {built_gpu.get('name')}, running on {gpu.name} (same "
-                      f"compute capability {built_cc}); rebuild here for best performance", stacklevel=3)
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _atomic_write(path: Path, data: bytes) -> None:
     atomic_write(path, data)
 
@@ -298,6 +214,7 @@ __all__ = [
     "check_engine_compat",
     "image_profile",
     "make_sidecar",
+    "network_flags",
     "read_sidecar",
     "sidecar_path",
     "to_fp16_onnx",

@@ -1,10 +1,13 @@
 """``frcnn plugins build``: PTX of every Triton kernel for every GPU architecture, plus a manifest.
 
-    frcnn plugins build [--arch 75 80 86 89 90] [--output DIR] [--cache-dir DIR] [--ptx-version 80]
+    frcnn plugins build [--arch 75 80 86 89 90 100 120] [--output DIR] [--cache-dir DIR] [--ptx-version 80]
 
 Writes ``DIR/<kernel config>.sm_<arch>.ptx`` and ``DIR/manifest.json`` (one entry per file: kernel entry
 name, arch, sha256, size, shared memory, num_warps, signature, constexprs, PTX ISA version, Triton version)
 and prints a table arch x kernel with the PTX size and whether it came from the cache. No GPU needed.
+Before compiling anything it checks every ``--arch`` and the Triton version; every kernel's launch fields are
+checked as it is compiled (frcnn.plugins.launch_safety). ``--ptx-version`` is raised per arch where the arch
+needs a newer PTX ISA (sm_100: 8.6, sm_120: 8.7).
 """
 
 from __future__ import annotations
@@ -45,8 +48,12 @@ def build(archs: list[int], output: Path, cache_dir: Path | None = None, ptx_ver
     """Compile :func:`frcnn.plugins.ptx.default_specs` for ``archs`` into ``output``; returns the manifest."""
     import triton
     from frcnn.plugins import ptx as ptxmod
+    from frcnn.plugins.launch_safety import check_triton_version
 
     version = ptxmod.DEFAULT_PTX_VERSION if ptx_version is None else ptx_version
+    for arch in archs:
+        ptxmod.ptx_version_for(arch, version)
+    check_triton_version()
     output.mkdir(parents=True, exist_ok=True)
     entries = []
     for spec in ptxmod.default_specs():
@@ -61,7 +68,7 @@ def build(archs: list[int], output: Path, cache_dir: Path | None = None, ptx_ver
                 "shared_mem": res.shared_mem, "num_warps": res.num_warps, "num_params": res.num_params,
                 "signature": spec.signature,
                 "constexprs": {k: ptxmod._json_value(v) for k, v in spec.constexprs.items()},
-                "ptx_version": version, "cache_hit": res.cache_hit,
+                "ptx_version": res.ptx_version, "cache_hit": res.cache_hit,
             })
     manifest = {"triton_version": triton.__version__, "archs": archs, "kernels": entries}
     _atomic_write(output / "manifest.json", json.dumps(manifest, indent=2).encode())
@@ -84,8 +91,12 @@ def _print_table(manifest: dict) -> None:
 
 
 def _run_build(args: argparse.Namespace) -> int:
-    if any(a < 75 for a in args.arch):
-        raise UserError(f"--arch values must be compute capabilities >= 75 (e.g. 75 80 86 89 90), got {args.arch}")
+    from frcnn.plugins.ptx import SUPPORTED_ARCHS
+
+    unknown = [a for a in args.arch if a not in SUPPORTED_ARCHS]
+    if unknown:
+        raise UserError(f"--arch {' '.join(map(str, unknown))}: not a supported compute capability; use some of "
+                        f"{' '.join(map(str, SUPPORTED_ARCHS))}")
     manifest = build(list(args.arch), args.output, args.cache_dir, args.ptx_version)
     _print_table(manifest)
     print(f"wrote {len(manifest['kernels'])} PTX files and manifest.json to {args.output}")

@@ -11,9 +11,14 @@ lowers to PTX for any target. Choices (docs/ops.md, "Triton kernel"):
 - results are cached under :func:`default_cache_dir`, keyed by a SHA-256 of the kernel module's source,
   arch, Triton version, signature, constexprs and options; entries are written atomically.
 
+- Blackwell: sm_100 needs PTX ISA 8.6 and sm_120 ISA 8.7 (Triton's LLVM aborts the process on a lower
+  version, so :func:`ptx_version_for` raises the version per arch before compiling).
+
 Kernel entry points follow TensorRT's AOT plugin convention ``(inputs..., int32 extras..., outputs...)``;
-Triton appends two hidden pointer parameters (global and profile scratch, unused by these kernels: their
-scratch sizes are 0) after them.
+Triton (>= 3.3) appends two hidden pointer parameters (global and profile scratch) after them. TensorRT's AOT
+launch does not pass them (it pads missing arguments with null), so every compiled kernel is checked by
+:func:`check_launch_safety` (frcnn.plugins.launch_safety): zero scratch, one CTA per cluster, no PDL, no
+cooperative launch, no host tensor descriptors — else the build fails naming the kernel, field and fix.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from frcnn.plugins.launch_safety import check_launch_safety, check_triton_version, launch_fields
 from frcnn.runtime.errors import UserError
 from frcnn.runtime.fileio import atomic_write
 
@@ -39,11 +45,15 @@ __all__ = [
     "compile_ptx",
     "default_cache_dir",
     "default_specs",
+    "ptx_version_for",
     "roi_align_v2_spec",
 ]
 
-SUPPORTED_ARCHS = (75, 80, 86, 89, 90)
+SUPPORTED_ARCHS = (75, 80, 86, 89, 90, 100, 120)
 DEFAULT_PTX_VERSION = 80
+MIN_PTX_VERSION = {75: 80, 80: 80, 86: 80, 89: 80, 90: 80, 100: 86, 120: 87}
+"""Lowest PTX ISA (10 * major + minor) this build uses per arch: 8.0 up to sm_90, 8.6 for sm_100, 8.7 for
+sm_120 (the first ISA versions that know those targets; checked with CUDA 13.0's ptxas)."""
 _ROI_MODULE = "frcnn.plugins.roi_align_v2.triton_kernel"
 _NMS_MODULE = "frcnn.plugins.batched_nms.triton_kernel"
 
@@ -129,6 +139,18 @@ def _json_value(v):
     return v
 
 
+def ptx_version_for(arch: int, requested: int = DEFAULT_PTX_VERSION) -> int:
+    """The PTX ISA version used for ``sm_<arch>``: ``requested``, raised to :data:`MIN_PTX_VERSION` of the arch.
+
+    Raises UserError for an arch outside :data:`SUPPORTED_ARCHS` (Triton would abort the process on an ISA
+    version that does not know the target).
+    """
+    if not isinstance(arch, int) or arch not in MIN_PTX_VERSION:
+        raise UserError(f"PTX arch must be one of the supported compute capabilities "
+                        f"{' '.join(map(str, SUPPORTED_ARCHS))} (e.g. 80 or 90), got {arch!r}")
+    return max(int(requested), MIN_PTX_VERSION[arch])
+
+
 def _options(spec: KernelSpec, ptx_version: int) -> dict:
     return {"num_warps": spec.num_warps, "ptx_version": ptx_version, "enable_fp_fusion": False}
 
@@ -141,7 +163,7 @@ def cache_key(spec: KernelSpec, arch: int, ptx_version: int = DEFAULT_PTX_VERSIO
     meta = {
         "kernel": spec.kernel, "arch": arch, "triton": triton.__version__, "signature": spec.signature,
         "constexprs": {k: _json_value(v) for k, v in spec.constexprs.items()},
-        "options": _options(spec, ptx_version), "ptx_rewrite": 1,
+        "options": _options(spec, ptx_version), "ptx_rewrite": 1, "launch_checked": 1,
     }
     h = hashlib.sha256(source)
     h.update(json.dumps(meta, sort_keys=True).encode())
@@ -152,8 +174,8 @@ def _atomic_write(path: Path, text: str) -> None:
     atomic_write(path, text)
 
 
-def _triton_compile(spec: KernelSpec, arch: int, ptx_version: int) -> tuple[str, str, int]:
-    """(ptx, kernel name, shared memory bytes) from Triton."""
+def _triton_compile(spec: KernelSpec, arch: int, ptx_version: int) -> tuple[str, str, int, dict]:
+    """(ptx, kernel name, shared memory bytes, launch fields) from Triton; UserError for an unsafe kernel."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -170,7 +192,9 @@ def _triton_compile(spec: KernelSpec, arch: int, ptx_version: int) -> tuple[str,
     ptx = compiled.asm["ptx"]
     # Arch-specific ("a") target -> portable target; valid because the kernels use no sm_XXa instructions.
     ptx = re.sub(rf"^\.target sm_{arch}a\b", f".target sm_{arch}", ptx, count=1, flags=re.MULTILINE)
-    return ptx, compiled.metadata.name, int(compiled.metadata.shared)
+    fields = launch_fields(compiled.metadata, f"{spec.name} ({spec.module}.{spec.kernel}) for sm_{arch}")
+    check_launch_safety(fields, f"{spec.name} ({spec.module}.{spec.kernel}) for sm_{arch}")
+    return ptx, compiled.metadata.name, int(compiled.metadata.shared), fields
 
 
 def compile_ptx(
@@ -179,20 +203,25 @@ def compile_ptx(
     """PTX of ``spec`` for ``sm_<arch>``, from the cache when present.
 
     Args:
-        arch: compute capability as an int (75 = sm_75), >= 75.
+        arch: compute capability as an int (75 = sm_75), one of :data:`SUPPORTED_ARCHS`.
         cache_dir: cache folder (default :func:`default_cache_dir`).
+        ptx_version: PTX ISA version, raised per arch by :func:`ptx_version_for`.
+    Raises:
+        UserError: unsupported arch, a Triton outside the checked range, or a kernel whose launch TensorRT's AOT
+            path cannot honour (:func:`frcnn.plugins.launch_safety.check_launch_safety`; cache hits re-checked).
     """
-    if not isinstance(arch, int) or arch < 75:
-        raise UserError(f"PTX arch must be a compute capability >= 75 such as 80 or 90, got {arch!r}")
+    ptx_version = ptx_version_for(arch, ptx_version)
+    check_triton_version()
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = cache_key(spec, arch, ptx_version)
     ptx_path, meta_path = folder / f"{key}.ptx", folder / f"{key}.json"
     if meta_path.is_file() and ptx_path.is_file():
         meta = json.loads(meta_path.read_text())
         ptx, hit = ptx_path.read_text(), True
+        check_launch_safety(meta.get("launch", {}), f"{spec.name} for sm_{arch} (cached {meta_path})")
     else:
-        ptx, name, shared = _triton_compile(spec, arch, ptx_version)
-        meta = {"kernel_name": name, "shared_mem": shared}
+        ptx, name, shared, fields = _triton_compile(spec, arch, ptx_version)
+        meta = {"kernel_name": name, "shared_mem": shared, "launch": fields}
         _atomic_write(ptx_path, ptx)
         _atomic_write(meta_path, json.dumps(meta))  # written last: its presence marks a complete entry
         hit = False

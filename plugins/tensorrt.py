@@ -10,7 +10,9 @@ to its plugin (the node also carries ``plugin_namespace="frcnn"``, DESIGN §6). 
 does not declare (``plugin_namespace``, ``plugin_version``) are ignored by the parser.
 
 Importing this module imports nothing heavy: ``tensorrt``, ``triton`` and the CUDA bindings are imported by
-:func:`register` / :func:`current_gpu` when called.
+:func:`register` / :func:`current_gpu` when called. ``GpuInfo``, ``current_gpu``, ``parse_version`` and
+``tensorrt_available`` live in ``frcnn.runtime.tensorrt_env`` (the deployed runtime needs them
+without the plugins) and are re-exported here.
 """
 
 from __future__ import annotations
@@ -18,14 +20,18 @@ from __future__ import annotations
 import hashlib
 import importlib
 import math
-import re
-import shutil
-import subprocess
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 from frcnn.runtime.errors import UserError
+from frcnn.runtime.tensorrt_env import (
+    GpuInfo,
+    current_gpu,
+    import_tensorrt,
+    parse_version,
+    tensorrt_available,
+)
 
 MIN_TENSORRT = (10, 9)
 """Oldest TensorRT with ``tensorrt.plugin`` AOT implementations (``@trtp.aot_impl``)."""
@@ -39,66 +45,24 @@ _registered = False
 _aot_records: list[dict[str, Any]] = []
 
 
-@dataclass(frozen=True)
-class GpuInfo:
-    """The CUDA device TensorRT builds for: its name and compute capability ``(major, minor)``."""
-
-    name: str
-    compute_capability: tuple[int, int]
-
-    @property
-    def arch(self) -> int:
-        """Compute capability as Triton's / nvcc's integer, e.g. ``90`` for sm_90."""
-        return self.compute_capability[0] * 10 + self.compute_capability[1]
-
-    def cc_string(self) -> str:
-        return f"{self.compute_capability[0]}.{self.compute_capability[1]}"
-
-
-def parse_version(version: str) -> tuple[int, ...]:
-    """``"10.13.0.35"`` -> ``(10, 13, 0, 35)``; non-numeric suffixes are dropped (``"11.0.0rc1"``)."""
-    parts = []
-    for piece in version.split("."):
-        match = re.match(r"\d+", piece)
-        if match is None:
-            break
-        parts.append(int(match.group()))
-    return tuple(parts)
-
-
 def require_tensorrt() -> ModuleType:
-    """Import and return ``tensorrt``; UserError when it is missing, older than 10.9 or lacks ``tensorrt.plugin``.
-
-    A ``tensorrt`` folder without the library (e.g. only the ``tensorrt-stubs`` type stubs, which Python
-    imports as an empty namespace package) counts as missing.
-    """
-    try:
-        import tensorrt as trt
-    except ImportError as exc:
-        raise UserError(f"building a TensorRT engine needs TensorRT >= 10.9 (tensorrt.plugin), but "
-                        f"`import tensorrt` failed ({exc}); {INSTALL_HINT}") from None
-    if getattr(trt, "__file__", None) is None or not hasattr(trt, "Builder"):
-        where = ", ".join(getattr(trt, "__path__", [])) or "?"
-        raise UserError(f"building a TensorRT engine needs TensorRT >= 10.9 (tensorrt.plugin), but only an "
-                        f"empty `tensorrt` package (type stubs?) was found at {where}; {INSTALL_HINT}")
+    """Import and return ``tensorrt`` for an engine build; UserError when it is missing (or only its type
+    stubs are), older than 10.9 or lacks ``tensorrt.plugin``."""
+    purpose = "building a TensorRT engine"
+    trt = import_tensorrt(purpose, INSTALL_HINT, "TensorRT >= 10.9 (tensorrt.plugin)")
+    if not hasattr(trt, "Builder"):
+        raise UserError(f"{purpose}: the installed `tensorrt` has no Builder (a lean / dispatch runtime?); "
+                        f"{INSTALL_HINT}")
     version = str(getattr(trt, "__version__", "0"))
     if parse_version(version)[:2] < MIN_TENSORRT:
         raise UserError(f"TensorRT {version} is installed, but the frcnn plugins need TensorRT >= 10.9 "
                         f"(tensorrt.plugin with aot_impl); {INSTALL_HINT}")
     try:
-        import tensorrt.plugin
+        importlib.import_module("tensorrt.plugin")
     except ImportError as exc:
         raise UserError(f"TensorRT {version} is installed without the tensorrt.plugin module ({exc}); the "
                         f"frcnn plugins need TensorRT >= 10.9 (tensorrt.plugin); {INSTALL_HINT}") from None
     return trt
-
-
-def tensorrt_available() -> bool:
-    """True when the TensorRT library (not just its type stubs) is importable; imports nothing."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("tensorrt")
-    return spec is not None and spec.origin is not None
 
 
 def register() -> None:
@@ -118,50 +82,6 @@ def register() -> None:
     _registered = True
 
 
-def current_gpu(device: int = 0) -> GpuInfo:
-    """Name and compute capability of CUDA device ``device`` (cuda-python, else ``nvidia-smi``).
-
-    Raises UserError when no NVIDIA GPU / driver is found.
-    """
-    info = _gpu_from_cuda_python(device)
-    if info is None:
-        info = _gpu_from_nvidia_smi(device)
-    if info is None:
-        raise UserError("no NVIDIA GPU found (neither cuda-python nor nvidia-smi reports a device); a TensorRT "
-                        "engine must be built and run on a machine with an NVIDIA GPU and driver")
-    return info
-
-
-def _gpu_from_cuda_python(device: int) -> GpuInfo | None:
-    cudart: Any = None
-    for module in ("cuda.bindings.runtime", "cuda.cudart"):  # cuda-python >= 12.6, older layout
-        try:
-            cudart = importlib.import_module(module)
-            break
-        except ImportError:
-            continue
-    if cudart is None:
-        return None
-    err, props = cudart.cudaGetDeviceProperties(device)
-    if int(err) != 0:
-        return None
-    name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
-    return GpuInfo(name.strip("\x00 "), (int(props.major), int(props.minor)))
-
-
-def _gpu_from_nvidia_smi(device: int) -> GpuInfo | None:
-    if shutil.which("nvidia-smi") is None:
-        return None
-    cmd = ["nvidia-smi", f"--id={device}", "--query-gpu=name,compute_cap", "--format=csv,noheader"]
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    name, _, cap = out.strip().rpartition(",")
-    major, _, minor = cap.strip().partition(".")
-    if not (major.isdigit() and minor.isdigit()):
-        return None
-    return GpuInfo(name.strip(), (int(major), int(minor)))
 
 
 def triton_dtype(trt_dtype: Any) -> str:

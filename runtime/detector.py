@@ -32,6 +32,7 @@ from frcnn.runtime.contract import MIN_PADDED_SIDE
 from frcnn.runtime.errors import UserError
 from frcnn.runtime.postprocess import postprocess_batch
 from frcnn.runtime.preprocess import Preprocessor
+from frcnn.runtime.shape_buckets import pad_to_bucket, resolve_sides
 
 #: ONNX batches are split to this size when neither the model nor the caller gives a max batch.
 DEFAULT_ONNX_MAX_BATCH = 8
@@ -104,11 +105,14 @@ class Detector:
             max batch, or 8 for ONNX).
         input_format: channel order of the images you pass, "BGR" (OpenCV) or "RGB" (Pillow).
         backend_options: extra keyword arguments for the backend (``intra_op_threads``, ``cuda_graph``).
+        shape_buckets: pad each batch up to a fixed ladder of sides (``True``: the default ladder, or a list
+            of sides) so a TensorRT engine sees few shapes; see :mod:`frcnn.runtime.shape_buckets` (opt-in:
+            results are then exact to detectron2 on the padded input).
     """
 
     def __init__(self, path: str | os.PathLike[str], backend: str = "auto", device: int = 0, providers: Any = None,
                  max_batch: int | None = None, input_format: str = "BGR",
-                 **backend_options: Any) -> None:  # fmt: skip
+                 shape_buckets: bool | Sequence[int] = False, **backend_options: Any) -> None:  # fmt: skip
         if not isinstance(path, (str, os.PathLike)):
             raise UserError(f"Detector takes the path of an exported model (str or pathlib.Path), got a "
                             f"{type(path).__name__}")
@@ -126,6 +130,8 @@ class Detector:
         self.preprocessor = Preprocessor(self.info.short_edge, self.info.max_size, input_format=input_format,
                                          model_format=self.info.channel_order,
                                          size_divisibility=self.info.size_divisibility)  # fmt: skip
+        self.shape_sides = resolve_sides(shape_buckets, self.info.short_edge, self.info.max_size,
+                                         self.info.size_divisibility)
 
     def __call__(self, images: np.ndarray | Sequence[np.ndarray]) -> Detections | list[Detections]:
         """One image (uint8 [H, W, 3]) -> Detections; a list of images -> a list of Detections."""
@@ -157,6 +163,8 @@ class Detector:
             raise UserError("no images given: pass at least one image")
         batch = self.preprocessor(list(images), first_index, total)
         padded = pad_to_min_side(batch["images"], MIN_PADDED_SIDE, self.info.size_divisibility)
+        if self.shape_sides:
+            padded = pad_to_bucket(padded, self.shape_sides)
         return {"images": padded, "image_sizes": batch["image_sizes"]}, batch["original_sizes"]
 
     def postprocess(self, outputs: dict[str, np.ndarray], image_sizes: np.ndarray,

@@ -14,8 +14,8 @@ import onnx
 import pytest
 from frcnn.export import engine
 from frcnn.export.fp16 import default_keep_fp32, to_fp16_onnx
-from frcnn.plugins.tensorrt import GpuInfo, parse_version, tensorrt_available
 from frcnn.runtime.errors import UserError
+from frcnn.runtime.tensorrt_env import GpuInfo, parse_version, tensorrt_available
 from onnx import TensorProto, helper, numpy_helper
 
 ort = pytest.importorskip("onnxruntime")
@@ -261,3 +261,77 @@ def test_no_warnings_on_plain_conversion() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         to_fp16_onnx(_graph_model())
+
+
+@pytest.mark.parametrize(("version", "flags"), [("10.9.0.34", 2), ("10.16.0.0", 2), ("11.0.0.1", 0),
+                                                ("11.4.0.9", 0)])
+def test_strongly_typed_flag_only_on_tensorrt_10(version: str, flags: int) -> None:
+    """STRONGLY_TYPED (enum value 1 in tensorrt-stubs 10.13) -> 1 << 1 on 10.x; nothing on 11.x (ignored there).
+
+    ``trt`` is a namespace with the two attributes network_flags reads; the real enum value is in the stubs.
+    """
+    from types import SimpleNamespace
+
+    trt = SimpleNamespace(__version__=version,
+                          NetworkDefinitionCreationFlag=SimpleNamespace(STRONGLY_TYPED=1))
+    assert engine.network_flags(trt) == flags
+    del trt.NetworkDefinitionCreationFlag  # 11.x must not even read the flag
+    if version.startswith("11."):
+        assert engine.network_flags(trt) == 0
+
+
+_BLOCKED = ("triton", "torch", "tensorrt", "frcnn.plugins", "frcnn.export", "frcnn.trainer")
+_WITHOUT_TRITON = '''
+import importlib.abc, sys
+BLOCKED = {blocked!r}
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if any(name == b or name.startswith(b + ".") for b in BLOCKED):
+            raise ImportError(f"{{name}} is blocked (a production box without it)")
+        return None
+
+sys.meta_path.insert(0, Block())
+import numpy as np
+import frcnn.runtime
+import frcnn.runtime.backends.tensorrt as trt_backend
+from frcnn.runtime import Detector
+from frcnn.runtime.errors import UserError
+try:
+    Detector({engine!r})
+except UserError as exc:
+    print("ENGINE:", exc)
+det = Detector({onnx!r}, providers=["cpu"], intra_op_threads=1)
+out = det([np.full((40, 50, 3), 90, np.uint8)])
+print("ONNX:", len(out), len(out[0]))
+print("LOADED:", sorted(m for m in sys.modules if any(m == b or m.startswith(b + ".") for b in BLOCKED)))
+'''
+
+
+def test_runtime_runs_without_triton_torch_and_plugins(tmp_path: Path) -> None:
+    """A production box: no triton, torch, TensorRT or upper frcnn layers. The runtime and its TensorRT backend
+    import, an engine reports the missing TensorRT (not an ImportError of triton), and the ONNX path runs."""
+    from frcnn.runtime.engine_sidecar import make_sidecar, write_sidecar
+    from test_runtime import fake_metadata, make_fake_detector
+
+    onnx_path = make_fake_detector(tmp_path / "fake.onnx")
+    engine_path = tmp_path / "model.engine"
+    engine_path.write_bytes(b"serialized engine")
+    write_sidecar(engine_path, make_sidecar(b"serialized engine", "10.13.0.35", GpuInfo("NVIDIA H100", (9, 0)),
+                                            {}, False, fake_metadata(), []))
+    code = _WITHOUT_TRITON.format(blocked=_BLOCKED, engine=str(engine_path), onnx=onnx_path)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = dict(line.split(": ", 1) for line in out.stdout.splitlines())
+    assert lines["ENGINE"].startswith("loading a TensorRT engine needs TensorRT, but `import tensorrt` failed "
+                                      "(tensorrt is blocked"), lines["ENGINE"]
+    images, detections = lines["ONNX"].split()
+    assert images == "1" and int(detections) > 0 and lines["LOADED"] == "[]"
+
+
+def test_blocker_really_blocks(tmp_path: Path) -> None:
+    """Negative control for the test above: the same finder makes `import triton` fail in the child."""
+    code = _WITHOUT_TRITON.split("import numpy as np")[0] + "import frcnn.plugins.ptx\n"
+    out = subprocess.run([sys.executable, "-c", code.format(blocked=_BLOCKED)], capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert out.returncode != 0 and "frcnn.plugins is blocked" in out.stderr, out.stderr[-2000:]

@@ -1,10 +1,14 @@
-"""PTX of every Triton kernel for sm_75/80/86/89/90, assembled by this machine's ``ptxas``.
+"""PTX of every Triton kernel for sm_75/80/86/89/90/100/120, assembled by this machine's ``ptxas``.
 
 Compilation runs in a child process without ``TRITON_INTERPRET`` (this file is also the child's script),
 so the test does not depend on which mode other tests imported the kernels in.
 
-- fast: both kernels, every arch, in small configurations (NMS candidate cap 256) -> ``ptxas -arch=sm_XX``;
-  plus the cache (hit, key sensitivity, incomplete entries).
+- fast: both kernels, every arch, in small configurations (NMS candidate cap 256) -> ``ptxas -arch=sm_XX``
+  (PTX ISA 8.0 up to sm_90, 8.6 for sm_100, 8.7 for sm_120); plus the cache (hit, key sensitivity,
+  incomplete entries);
+- launch safety: a deliberately bad kernel (a device-side TMA descriptor -> 128 B of global scratch on sm_90)
+  must fail the build naming the kernel, the field and the fix; its twin without the descriptor builds;
+  a Triton outside the checked range is refused; the ``plugins`` extra pins that range.
 - slow: ``frcnn plugins build`` of the shipped configurations (cap 4096 head NMS ~20 s, cap 8192 RPN NMS ~25-40 s per arch on
   a 2-core CPU when the cache is cold) -> manifest + ``ptxas`` on every file.
 """
@@ -21,7 +25,8 @@ from pathlib import Path
 
 import pytest
 
-ARCHS = (75, 80, 86, 89, 90)
+ARCHS = (75, 80, 86, 89, 90, 100, 120)
+ISA = {75: "8.0", 80: "8.0", 86: "8.0", 89: "8.0", 90: "8.0", 100: "8.6", 120: "8.7"}
 
 
 def _ptxas() -> str | None:
@@ -70,8 +75,9 @@ def _worker(out_dir: str) -> None:
 
 
 def _assemble(path: Path, arch: int, tmp: Path) -> None:
+    # 600 s: the RPN NMS (cap 8192) takes ~15 s in ptxas on an idle 2-core CPU, over 120 s on a loaded one.
     proc = subprocess.run([PTXAS, f"-arch=sm_{arch}", str(path), "-o", str(tmp / "out.cubin")],
-                          check=False, capture_output=True, text=True, timeout=120)
+                          check=False, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"ptxas -arch=sm_{arch} {path.name}: {proc.stderr[-2000:]}"
 
 
@@ -92,7 +98,7 @@ def test_every_kernel_every_arch_assembles(small_build, tmp_path):
     for r in records:
         text = (out / r["file"]).read_text()
         assert f".target sm_{r['arch']}\n" in text  # portable target (no sm_90a)
-        assert ".version 8.0" in text
+        assert f".version {ISA[r['arch']]}\n" in text
         _assemble(out / r["file"], r["arch"], tmp_path)
 
 
@@ -124,8 +130,94 @@ def test_bad_arch_is_a_user_error():
     from frcnn.plugins import ptx
     from frcnn.runtime.errors import UserError
 
-    with pytest.raises(UserError, match="compute capability"):
+    with pytest.raises(UserError, match="supported compute capabilities"):
         ptx.compile_ptx(ptx.KernelSpec("x", "m", "k", {}, {}, 4), 70)
+    with pytest.raises(UserError, match="supported compute capabilities"):
+        ptx.compile_ptx(ptx.KernelSpec("x", "m", "k", {}, {}, 4), 110)  # Triton's LLVM would abort the process
+    assert ptx.ptx_version_for(90) == 80 and ptx.ptx_version_for(100) == 86 and ptx.ptx_version_for(120, 88) == 88
+
+
+BAD_KERNELS = '''
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tma_copy(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    desc = tl.make_tensor_descriptor(x_ptr, shape=[n], strides=[1], block_shape=[BLOCK])
+    tl.store(y_ptr + tl.arange(0, BLOCK), desc.load([0]))
+
+
+@triton.jit
+def plain_copy(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
+'''
+BAD_BUILD = '''
+import sys
+sys.path.insert(0, sys.argv[1])
+from frcnn.plugins import ptx
+from frcnn.runtime.errors import UserError
+sig = {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32"}
+for kernel in ("plain_copy", "tma_copy"):
+    spec = ptx.KernelSpec(kernel, "frcnn_test_bad_kernels", kernel, sig, {"BLOCK": 16}, 4)
+    try:
+        res = ptx.compile_ptx(spec, 90, cache_dir=sys.argv[2], ptx_version=86)
+        print(kernel, "OK", res.kernel_name)
+    except UserError as exc:
+        print(kernel, "ERR", exc)
+'''
+
+
+def test_build_refuses_a_kernel_with_global_scratch(tmp_path):
+    """tl.make_tensor_descriptor in the kernel body needs Triton's hidden global-scratch buffer (128 B on
+    sm_90), which TensorRT's AOT launch passes as null: the build must stop with the field and the fix."""
+    (tmp_path / "frcnn_test_bad_kernels.py").write_text(BAD_KERNELS)
+    proc = subprocess.run([sys.executable, "-c", BAD_BUILD, str(tmp_path), str(tmp_path / "cache")],
+                          env=_child_env(), check=False, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in proc.stdout.strip().splitlines())
+    assert lines["plain_copy"] == "OK plain_copy"  # same harness, no descriptor: builds
+    assert lines["tma_copy"].startswith("ERR PTX build of tma_copy (frcnn_test_bad_kernels.tma_copy) for sm_90: "
+                                        "global_scratch_size = 128, must be 0 for TensorRT's AOT plugin launch: "
+                                        "TensorRT passes null"), lines["tma_copy"]
+    assert "tl.make_tensor_descriptor" in lines["tma_copy"]
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 1  # nothing cached for the refused kernel
+
+
+@pytest.mark.parametrize(("field", "value"), [("global_scratch_size", 64), ("profile_scratch_size", 8),
+                                              ("num_ctas", 2), ("launch_pdl", True),
+                                              ("launch_cooperative_grid", True), ("tensordesc_meta", [{"x": 1}])])
+def test_each_launch_field_is_checked(field, value):
+    from frcnn.plugins.launch_safety import LAUNCH_FIELDS, check_launch_safety
+    from frcnn.runtime.errors import UserError
+
+    safe = {"global_scratch_size": 0, "profile_scratch_size": 0, "num_ctas": 1, "launch_pdl": False,
+            "launch_cooperative_grid": False, "tensordesc_meta": []}
+    assert set(safe) == set(LAUNCH_FIELDS)
+    check_launch_safety(safe, "k")
+    check_launch_safety({**safe, "tensordesc_meta": None}, "k")
+    with pytest.raises(UserError, match=f"PTX build of k: {field} = "):
+        check_launch_safety({**safe, field: value}, "k")
+    with pytest.raises(UserError, match=f"launch field {field} was not recorded"):
+        check_launch_safety({k: v for k, v in safe.items() if k != field}, "k")
+
+
+def test_triton_version_range_is_enforced_and_pinned():
+    import tomllib
+
+    from frcnn.plugins.launch_safety import TRITON_REQUIREMENT, check_triton_version
+    from frcnn.runtime.errors import UserError
+
+    check_triton_version()  # the installed one (the suite's) is in range
+    check_triton_version("3.5.0")
+    check_triton_version("3.9.1")
+    for bad in ("3.4.0", "3.10.0", "4.0.0"):
+        with pytest.raises(UserError, match=f"Triton {bad} is outside the range .*triton>=3.5,<3.10"):
+            check_triton_version(bad)
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    extras = pyproject["project"]["optional-dependencies"]
+    assert extras["plugins"] == [TRITON_REQUIREMENT] and TRITON_REQUIREMENT in extras["dev"]
 
 
 @pytest.mark.slow

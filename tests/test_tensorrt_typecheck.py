@@ -1,7 +1,16 @@
 """Static type check of the TensorRT-facing modules against the TensorRT Python API (no TensorRT here).
 
-mypy runs in a subprocess on plugins/*/trt_plugin.py, plugins/tensorrt.py, export/engine.py (and export/fp16.py)
-with:
+mypy runs in a subprocess on plugins/*/trt_plugin.py, plugins/tensorrt.py, export/engine.py, export/fp16.py and
+the runtime's runtime/backends/tensorrt.py, runtime/engine_sidecar.py, runtime/tensorrt_env.py, twice:
+
+- **10.x**: against the stubs below as installed;
+- **11.x**: against the same stubs minus what TensorRT 11 removed (the BuilderFlag precision members FP16 /
+  BF16 / INT8 / FP8 / INT4 / FP4 and ``IBuilderConfig.int8_calibrator``; strongly typed networks only). No
+  official 11.x stubs exist (PyPI's tensorrt-stubs stops at 10.13), so this is a derived view: it proves the
+  code does not touch the removed API, not that every 11.x signature matches. A negative control using
+  ``BuilderFlag.FP16`` passes the 10.x view and fails the 11.x one, so the derivation really removes it.
+
+The stubs:
 
 - the installed ``tensorrt-stubs`` (TensorRT 10.13 API). That wheel drops bare ``.pyi`` trees into
   site-packages without a ``py.typed`` marker, which mypy skips (PEP 561), so the test copies them into a
@@ -11,7 +20,8 @@ with:
 - the ``frcnn.*`` namespace laid out by symlinks (mypy cannot follow setuptools' editable-install finder).
 
 TensorRT 11 differences: BuilderFlag.FP16/INT8 and calibrators are gone; the checked modules use neither
-(asserted below), and the STRONGLY_TYPED network flag exists in both.
+(asserted below). STRONGLY_TYPED still exists in 11 (deprecated, ignored); export/engine.py passes it only
+on 10.x (network_flags).
 
 A negative control (a file using a TensorRT attribute that does not exist) must fail the same check, so the
 test cannot pass with the stubs silently missing.
@@ -33,7 +43,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKED = ["plugins/roi_align_v2/trt_plugin.py", "plugins/batched_nms/trt_plugin.py", "plugins/tensorrt.py",
-           "export/engine.py", "export/fp16.py"]
+           "export/engine.py", "export/fp16.py", "runtime/backends/tensorrt.py", "runtime/engine_sidecar.py",
+           "runtime/tensorrt_env.py"]
+REMOVED_IN_11 = re.compile(r"^\s+(?:(?:FP16|BF16|INT8|FP8|INT4|FP4): typing\.ClassVar\[BuilderFlag\]|"
+                           r"int8_calibrator: IInt8Calibrator)(?![\w.]).*$", re.MULTILINE)
+USES_FP16_FLAG = """\
+import tensorrt as trt
+
+config = trt.Builder(trt.Logger(trt.Logger.WARNING)).create_builder_config()
+config.set_flag(trt.BuilderFlag.FP16)
+"""
 PACKAGES = {"plugins": "plugins", "runtime": "runtime", "export": "export"}
 BAD_SNIPPET = """\
 import tensorrt as trt
@@ -74,16 +93,21 @@ def _sanitize(stub: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-@pytest.fixture(scope="module")
-def mypy_env(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
-    """(root with frcnn/<pkg> symlinks, environment with MYPYPATH set)."""
+@pytest.fixture(scope="module", params=["10.x", "11.x"])
+def mypy_env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """(root with frcnn/<pkg> symlinks, environment with MYPYPATH set) for the 10.x or the derived 11.x stubs."""
     if shutil.which("mypy") is None and importlib.util.find_spec("mypy") is None:
         pytest.skip("mypy is not installed (it is part of the dev extra)")
-    root = tmp_path_factory.mktemp("typecheck")
+    root = tmp_path_factory.mktemp(f"typecheck{request.param}")
     stubs = root / "stubs"
     (stubs / "tensorrt_bindings").mkdir(parents=True)
     for f in _stub_files():
-        (stubs / "tensorrt_bindings" / f.name).write_text(_sanitize(f.read_text()))
+        text = _sanitize(f.read_text())
+        if request.param == "11.x":
+            text, removed = REMOVED_IN_11.subn("", text)
+            assert f.name != "tensorrt.pyi" or removed == 7, removed  # 6 flags + int8_calibrator
+        (stubs / "tensorrt_bindings" / f.name).write_text(text)
+    (root / "flavour").write_text(request.param)
     shutil.copytree(REPO / "tests" / "stubs" / "tensorrt", stubs / "tensorrt")
     src = root / "src" / "frcnn"
     src.mkdir(parents=True)
@@ -118,6 +142,17 @@ def test_negative_control_fails(mypy_env: tuple[Path, dict[str, str]]) -> None:
     assert result.returncode != 0
     assert '"KernelLaunchParams" has no attribute "grid_w"' in result.stdout, result.stdout
     assert 'incompatible type "str"; expected "int"' in result.stdout, result.stdout
+
+
+def test_removed_api_is_absent_only_from_the_11_view(mypy_env: tuple[Path, dict[str, str]]) -> None:
+    root, env = mypy_env
+    probe = root / "src" / "uses_fp16_flag.py"
+    probe.write_text(USES_FP16_FLAG)
+    result = _mypy(root, env, [probe.name])
+    if (root / "flavour").read_text() == "10.x":
+        assert result.returncode == 0, result.stdout
+    else:
+        assert '"type[BuilderFlag]" has no attribute "FP16"' in result.stdout, result.stdout
 
 
 def test_no_api_removed_in_tensorrt_11() -> None:

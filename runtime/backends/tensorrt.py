@@ -7,9 +7,11 @@ cuda-python's runtime bindings (``cuda.bindings.runtime``, older ``cuda.cudart``
 ``tests/gpu/`` and ``frcnn parity`` on a GPU machine before relying on it.
 
 Design:
-- ``activate``: :func:`frcnn.export.engine.check_engine_compat` (engine file, sidecar, TensorRT version, GPU
-  compute capability — a clear error instead of a deserialization crash), then
-  ``frcnn.plugins.tensorrt.register()`` (the plugins the engine references) and ``deserialize_cuda_engine``.
+- ``activate``: :func:`frcnn.runtime.engine_sidecar.check_engine_compat` (engine file, sidecar,
+  TensorRT version, GPU compute capability — a clear error instead of a deserialization crash), then
+  ``deserialize_cuda_engine``. No plugin registration: the frcnn plugins are AOT plugins whose PTX and launch
+  parameters are serialized into the engine, so loading needs neither ``frcnn.plugins`` nor Triton nor torch
+  (a production box needs only TensorRT, cuda-python and this torch-free package).
 - Thread safety: one ``IExecutionContext`` + CUDA stream + buffers **per thread** (``threading.local``);
   the engine is shared (TensorRT allows several contexts on one engine, used from different threads).
 - Pinned (page-locked) host buffers and device buffers grow to the largest shape seen; copies are async on
@@ -28,18 +30,18 @@ from typing import Any
 
 import numpy as np
 from frcnn.runtime.backends.base import INPUTS, OUTPUTS, Backend
+from frcnn.runtime.engine_sidecar import check_engine_compat
 from frcnn.runtime.errors import UserError
+from frcnn.runtime.tensorrt_env import GpuInfo, import_tensorrt
 
 
-def check_engine(path: str, tensorrt_version: str | None = None, gpu: Any = None) -> dict[str, Any]:
+def check_engine(path: str, tensorrt_version: str | None = None, gpu: GpuInfo | None = None) -> dict[str, Any]:
     """The engine's sidecar after checking it fits this machine (or the given TensorRT version / GPU).
 
-    ``tensorrt_version`` / ``gpu`` (a :class:`frcnn.plugins.tensorrt.GpuInfo`) default to the installed
-    TensorRT and CUDA device 0. Raises UserError for a missing or stale sidecar, another TensorRT version or
-    another GPU architecture.
+    ``tensorrt_version`` / ``gpu`` (a :class:`frcnn.runtime.tensorrt_env.GpuInfo`) default to the
+    installed TensorRT and CUDA device 0. Raises UserError for a missing or stale sidecar, another TensorRT
+    version or another GPU architecture.
     """
-    from frcnn.export.engine import check_engine_compat
-
     return check_engine_compat(path, tensorrt_version=tensorrt_version, gpu=gpu)
 
 
@@ -129,21 +131,18 @@ class TensorRTBackend(Backend):
         self.engine: Any = None
 
     def _activate(self) -> None:
-        sidecar = check_engine(self.path)
-        from frcnn.plugins import tensorrt as frcnn_trt
-
-        trt = frcnn_trt.require_tensorrt()
+        sidecar = check_engine(self.path)  # engine file, sidecar, TensorRT version, GPU: before any CUDA work
+        trt = import_tensorrt(f"loading the TensorRT engine {self.path}")
         self._trt, self._cudart = trt, _cudart()
         _ok(self._cudart.cudaSetDevice(self.device), "cudaSetDevice")
-        frcnn_trt.register()
         self._logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self._logger)
         with open(self.path, "rb") as f:
             engine = runtime.deserialize_cuda_engine(f.read())
         if engine is None:
-            raise UserError(f"TensorRT could not deserialize {self.path} (see its log above): a plugin it uses "
-                            "may be missing (frcnn plugins are registered; others must be loaded by you), or "
-                            "the file is damaged; rebuild it with `frcnn export ... --engine`")
+            raise UserError(f"TensorRT could not deserialize {self.path} (see its log above): the file is damaged, "
+                            "or it uses a non-AOT plugin that must be loaded first; rebuild it with "
+                            "`export-engine ... --engine`")
         self._runtime, self.engine = runtime, engine
         self.metadata = {str(k): str(v) for k, v in sidecar.get("metadata", {}).items()}
         profile_max = sidecar.get("profile", {}).get("images", {}).get("max", [None])[0]
