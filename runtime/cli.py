@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "parity": ("frcnn.runtime.parity_cli", "compare PyTorch with the deployed model"),
     "eval": ("frcnn.runtime.eval_cli", "COCO AP of a checkpoint or a deployed model"),
     "bench": ("frcnn.runtime.bench_cli", "latency / throughput of a deployed model"),
+    "serve": ("frcnn.runtime.serving.serve_cli", "serve a deployed model on Triton Inference Server (PyTriton)"),
+    "triton-repo": ("frcnn.runtime.serving.triton_repo_cli", "write a model repository for a stock tritonserver"),
 }
 
 
