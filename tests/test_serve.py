@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import signal
 import socket
@@ -185,22 +186,23 @@ def _send_image(port: int, data: bytes) -> dict[str, np.ndarray]:
 def test_encoded_images_and_bad_bytes_get_per_request_errors(server: Server, references: list) -> None:
     huge = _png(np.zeros((1, MAX_IMAGE_SIDE + 1, 3), np.uint8))
     bad = {b"": "0 bytes", b"this is not an image": "not a readable image", huge: "exceeds the supported"}
-    photo = _png(photos()[2])
-    jobs = [photo, *bad, photo, *bad, photo]
+    good = {_png(photos()[i]): i for i in (0, 2)}  # astronaut has detections, chelsea none (padded outputs)
+    jobs = [*good, *bad, *good, *bad]
     with ThreadPoolExecutor(len(jobs)) as pool:  # bad and good requests share the batcher
         answers = list(pool.map(lambda d: _send_image(server.http_port, d), jobs, timeout=300))
     for data, out in zip(jobs, answers):
         error = out["error"].reshape(-1)[0].decode()
-        if data is photo:
+        if data in good:
             assert error == ""
-            n = int(out["num_detections"].reshape(-1)[0])
-            ref = references[2]
+            n, ref = int(out["num_detections"].reshape(-1)[0]), references[good[data]]
             got = {"num_detections": np.array([n]), "boxes": out["boxes"][:, :n], "scores": out["scores"][:, :n],
                    "classes": out["classes"][:, :n].astype(np.int64)}  # fmt: skip
-            assert compare_detections(got, _as_outputs(ref))
+            report = compare_detections(got, _as_outputs(ref))
+            assert report, str(report)
             assert [s.decode() for s in out["class_names"][0, :n]] == ref.labels()
         else:
             assert bad[data] in error, error
+    assert len(references[0]) > 0 and len(references[2]) == 0, "test weights changed: pick other photos"
 
 
 def test_bad_tensors_get_clear_errors_and_server_keeps_serving(server: Server, references: list) -> None:
@@ -229,6 +231,23 @@ def test_bad_tensors_get_clear_errors_and_server_keeps_serving(server: Server, r
     good.close()
 
 
+def test_infer_and_bench_cli_accept_the_url(server: Server, references: list, tmp_path, capsys) -> None:
+    from frcnn.runtime.cli import main
+
+    Image.fromarray(photos()[2]).save(tmp_path / "chelsea.png")
+    assert main(["infer", server.url("grpc"), str(tmp_path / "chelsea.png"), "--output", str(tmp_path / "out"),
+                 "--score-threshold", "0"]) == 0  # fmt: skip
+    got = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert len(got) == len(references[2]) > 0
+    assert main(["bench", server.url("http"), "--size", "300", "451", "--iters", "2", "--warmup", "0",
+                 "--json", str(tmp_path / "bench.json")]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "bench.json").read_text())["backend"] == "triton"
+    assert main(["bench", server.url("http"), "--threads", "2", "--json", str(tmp_path / "b2.json")]) == 2
+    assert "do not apply to a Triton URL" in capsys.readouterr().err
+    assert main(["infer", "http://127.0.0.1:1/frcnn", str(tmp_path / "chelsea.png"), "--output", str(tmp_path)]) == 2
+    assert "cannot reach the Triton server" in capsys.readouterr().err
+
+
 def test_sigterm_stops_server_and_children_within_10s(server: Server) -> None:
     children = _descendants(server.proc.pid)
     assert children, "tritonserver should run as a child of frcnn serve"
@@ -241,3 +260,9 @@ def test_sigterm_stops_server_and_children_within_10s(server: Server) -> None:
     time.sleep(0.5)
     orphans = [p for p in children if _alive(p)]
     assert not orphans, f"processes left after SIGTERM: {orphans}"
+
+
+@pytest.mark.parametrize("url", ["http://host/frcnn", "ftp://h:1/frcnn", "grpc://:8001/frcnn", "http://h:80/a/b"])
+def test_bad_urls_are_refused_before_any_network(url: str) -> None:
+    with pytest.raises(UserError, match="Triton URL|cannot tell the backend"):
+        Detector(url)

@@ -11,7 +11,9 @@ Loading the repository in a stock tritonserver (onnxruntime / tensorrt backends)
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ from onnx import TensorProto, helper
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="tritonclient (dev extra)")
 text_format = pytest.importorskip("google.protobuf.text_format")
+http = pytest.importorskip("tritonclient.http", reason="tritonclient (dev extra)")
 
 METADATA = {"class_names": json.dumps(["person", "cat \"quoted\"", "ünïcode"]),
             "resize": json.dumps({"rule": "ResizeShortestEdge", "min_size": 320, "max_size": 512}),
@@ -139,3 +142,108 @@ def test_metadata_quotes_survive_pbtxt(tmp_path: Path) -> None:
         meta = json.loads(_configs(repo)[name].parameters[METADATA_PARAMETER].string_value)
         assert json.loads(meta["class_names"]) == ["person", "cat \"quoted\"", "ünïcode"]
     assert np.dtype(OUTPUTS["classes"]).name == "int32"
+
+
+def _tritonserver(repo: Path, tmp: Path):
+    """PyTriton's bundled tritonserver (python backend only) on ``repo``; returns (process, http port)."""
+    import shutil
+    import site
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    pytriton = pytest.importorskip("pytriton", reason="nvidia-pytriton (dev extra) ships tritonserver")
+    from frcnn.runtime.serving.pytriton_server import python_libdir_env
+    from pytriton.utils.distribution import get_libs_path
+
+    dist = Path(pytriton.__file__).parent / "tritonserver"
+    server = tmp / "tritonserver"
+    shutil.copytree(dist / "bin", server / "bin")
+    shutil.copytree(dist / "backends", server / "backends")
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    shutil.copy(dist / "python_backend_stubs" / version / "triton_python_backend_stub", server / "backends/python")
+    socks = [socket.socket() for _ in range(3)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    env = python_libdir_env()
+    env["LD_LIBRARY_PATH"] += f":{get_libs_path()}"
+    env["PYTHONPATH"] = os.pathsep.join(site.getsitepackages())  # the stub imports frcnn from this venv
+    proc = subprocess.Popen([str(server / "bin/tritonserver"), f"--model-repository={repo}",
+                             f"--backend-directory={server / 'backends'}", "--http-address=127.0.0.1",
+                             f"--http-port={ports[0]}", "--grpc-address=127.0.0.1", f"--grpc-port={ports[1]}",
+                             f"--metrics-port={ports[2]}", "--allow-gpu-metrics=false", "--exit-timeout-secs=3"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    client = http.InferenceServerClient(f"127.0.0.1:{ports[0]}")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        with contextlib.suppress(Exception):
+            if client.is_model_ready("frcnn_preprocess") and client.is_model_ready("frcnn_postprocess"):
+                return proc, client
+        time.sleep(0.5)
+    proc.kill()
+    raise AssertionError("tritonserver did not load the python models in 120 s")
+
+
+def test_python_models_run_in_a_real_tritonserver(tmp_path: Path) -> None:
+    """The generated pre/post models (model.py) in Triton's python backend, against frcnn.runtime directly."""
+    from frcnn.runtime.detector import MIN_PADDED_SIDE, pad_to_min_side
+    from frcnn.runtime.preprocess import Preprocessor
+
+    repo = tmp_path / "repo"
+    assert main(["triton-repo", str(_onnx(tmp_path / "m.onnx")), str(repo)]) == 0
+    subset = tmp_path / "prepost"  # the onnxruntime backend is not in PyTriton's tritonserver
+    subset.mkdir()
+    for name in ("frcnn_preprocess", "frcnn_postprocess"):
+        (repo / name).rename(subset / name)
+    proc, client = _tritonserver(subset, tmp_path)
+    try:
+        rgb = np.random.default_rng(0).integers(0, 256, (300, 451, 3), dtype=np.uint8)
+        pre = _infer(client, "frcnn_preprocess", {"image": np.array([[_png(rgb)]], dtype=object)})
+        batch = Preprocessor(320, 512, input_format="RGB", model_format="BGR", size_divisibility=32)([rgb])
+        assert np.array_equal(pre["images"], pad_to_min_side(batch["images"], MIN_PADDED_SIDE, 32))
+        assert pre["image_sizes"].tolist() == [[320, 481]] and pre["original_sizes"].tolist() == [[300, 451]]
+        for bad, why in ((b"", "0 bytes"), (b"GIF89a-not-really", "not a readable image")):
+            with pytest.raises(Exception, match=why):
+                _infer(client, "frcnn_preprocess", {"image": np.array([[bad]], dtype=object)})
+        dets = {"num_detections": np.array([[2]], np.int32),
+                "boxes": np.array([[[32, 16, 160, 96], [0, 0, 481, 320], [1, 1, 2, 2]]], np.float32),
+                "scores": np.array([[0.9, 0.5, 0.1]], np.float32), "classes": np.array([[1, 2, 0]], np.int32),
+                "image_sizes": pre["image_sizes"], "original_sizes": pre["original_sizes"]}  # fmt: skip
+        post = _infer(client, "frcnn_postprocess", dets)
+        scale_y, scale_x = 300 / 320, 451 / 481  # detectron2: boxes scaled by original / resized, then clipped
+        expected = np.array([[32 * scale_x, 16 * scale_y, 160 * scale_x, 96 * scale_y], [0, 0, 451, 300]])
+        assert int(post["num_detections"][0, 0]) == 2
+        np.testing.assert_allclose(post["boxes"][0, :2], expected, rtol=1e-6, atol=1e-4)
+        assert post["class_names"][0, :2].tolist() == [b"cat \"quoted\"", "ünïcode".encode()]
+        dets["num_detections"] = np.array([[0]], np.int32)
+        empty = _infer(client, "frcnn_postprocess", dets)
+        assert int(empty["num_detections"][0, 0]) == 0
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _infer(client, model: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    types = {np.dtype(np.uint8): "UINT8", np.dtype(np.int32): "INT32", np.dtype(np.float32): "FP32",
+             np.dtype(object): "BYTES"}  # fmt: skip
+    inputs = []
+    for name, value in arrays.items():
+        tensor = http.InferInput(name, list(value.shape), types[value.dtype])
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    result = client.infer(model, inputs)
+    return {o["name"]: result.as_numpy(o["name"]) for o in result.get_response()["outputs"]}

@@ -79,10 +79,12 @@ class TritonBackend(Backend):
     name = "triton"
 
     def __init__(self, url: str, max_batch: int | None = None, timeout_s: float = 60.0, device: int = 0,
-                 providers: Any = None) -> None:  # fmt: skip
+                 providers: Any = None, **options: Any) -> None:  # fmt: skip
         super().__init__(url)
-        if providers is not None:
-            raise UserError("providers= does not apply to a Triton URL: the server picks its execution providers")
+        given = sorted(k for k, v in {"providers": providers, **options}.items() if v not in (None, False))
+        if given:
+            raise UserError(f"{', '.join(given)} do not apply to a Triton URL: the server runs the model (set them "
+                            "where it is served, e.g. `frcnn serve`)")
         self.scheme, self.address, self.model = parse_url(url)
         self.timeout_s = float(timeout_s)
         self._user_max_batch = max_batch
