@@ -234,17 +234,17 @@ def test_bad_tensors_get_clear_errors_and_server_keeps_serving(server: Server, r
 def test_infer_and_bench_cli_accept_the_url(server: Server, references: list, tmp_path, capsys) -> None:
     from frcnn.runtime.cli import main
 
-    Image.fromarray(photos()[2]).save(tmp_path / "chelsea.png")
-    assert main(["infer", server.url("grpc"), str(tmp_path / "chelsea.png"), "--output", str(tmp_path / "out"),
+    Image.fromarray(photos()[0]).save(tmp_path / "astronaut.png")
+    assert main(["infer", server.url("grpc"), str(tmp_path / "astronaut.png"), "--output", str(tmp_path / "out"),
                  "--score-threshold", "0"]) == 0  # fmt: skip
     got = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert len(got) == len(references[2]) > 0
+    assert len(got) == len(references[0]) > 0
     assert main(["bench", server.url("http"), "--size", "300", "451", "--iters", "2", "--warmup", "0",
                  "--json", str(tmp_path / "bench.json")]) == 0  # fmt: skip
     assert json.loads((tmp_path / "bench.json").read_text())["backend"] == "triton"
     assert main(["bench", server.url("http"), "--threads", "2", "--json", str(tmp_path / "b2.json")]) == 2
     assert "do not apply to a Triton URL" in capsys.readouterr().err
-    assert main(["infer", "http://127.0.0.1:1/frcnn", str(tmp_path / "chelsea.png"), "--output", str(tmp_path)]) == 2
+    assert main(["infer", "http://127.0.0.1:1/frcnn", str(tmp_path / "astronaut.png"), "--output", str(tmp_path)]) == 2
     assert "cannot reach the Triton server" in capsys.readouterr().err
 
 

@@ -129,9 +129,8 @@ class TritonBackend(Backend):
         except (ValueError, AttributeError):
             raise UserError(f"Triton model {self.model!r} has malformed {METADATA_PARAMETER!r}; regenerate it "
                             "with `frcnn triton-repo` or `frcnn serve`") from None
-        server_max = int(config.get("max_batch_size", 0)) or None
-        self.max_batch = min(x for x in (self._user_max_batch, server_max) if x) if (
-            self._user_max_batch or server_max) else None  # fmt: skip
+        limits = [int(x) for x in (self._user_max_batch, config.get("max_batch_size")) if x]
+        self.max_batch = min(limits) if limits else None
 
     def _read_config(self, client: Any) -> tuple[dict[str, Any], list[str]]:
         if self.scheme == "http":

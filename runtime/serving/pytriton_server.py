@@ -128,10 +128,12 @@ def image_infer_fn(detector: Detector) -> Callable[[Sequence[Any]], list[dict[st
                 if data.size != 1:
                     raise RequestError(f"send one encoded image per request, got {data.size}")
                 rgb = decode_image(bytes(data[0]))
-                feed, original = detector.preprocess([rgb])
-                feeds.append(feed), originals.append(original), errors.append("")
-            except (RequestError, UserError) as exc:
-                feeds.append(None), originals.append(None), errors.append(str(exc))
+                feed, original, error = *detector.preprocess([rgb]), ""
+            except UserError as exc:  # RequestError included
+                feed, original, error = None, None, str(exc)
+            feeds.append(feed)
+            originals.append(original)
+            errors.append(error)
         results = _run(detector, feeds, errors)
         responses = []
         for out, feed, original, err in zip(results, feeds, originals, errors):
