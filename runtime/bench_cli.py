@@ -203,14 +203,15 @@ def run_bench(args: argparse.Namespace) -> int:
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("bench", help="latency / throughput of a deployed model",
                                    description=__doc__.split("\n\n")[0] if __doc__ else None)  # fmt: skip
-    parser.add_argument("model", metavar="MODEL", help="deployed model (.onnx, .engine / .plan)")
+    parser.add_argument("model", metavar="MODEL", help="deployed model (.onnx, .engine / .plan) or a Triton URL "
+                        "(http://HOST:PORT/frcnn, grpc://HOST:PORT/frcnn)")
     parser.add_argument("--batch", type=int, default=1, help="images per call (default 1)")
     parser.add_argument("--size", type=int, nargs=2, default=(800, 1333), metavar=("H", "W"),
                         help="synthetic image size (default 800 1333)")  # fmt: skip
     parser.add_argument("--iters", type=int, default=20, help="timed iterations (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed iterations first (default 3)")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
-    parser.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt"))
+    parser.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt", "triton"))
     parser.add_argument("--json", default="bench.json", help="where to write the numbers (default bench.json)")
     parser.add_argument("--plot", default=None, metavar="PNG", help="also draw a bar chart")
     parser.set_defaults(func=run_bench)

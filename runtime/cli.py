@@ -36,6 +36,10 @@ class Command(NamedTuple):
 COMMANDS: dict[str, Command] = {
     "infer": Command("frcnn.runtime.infer_cli", "run an exported model on images", 50),
     "bench": Command("frcnn.runtime.bench_cli", "latency / throughput of a deployed model", 80),
+    "serve": Command("frcnn.runtime.serving.serve_cli",
+                     "serve a deployed model on Triton Inference Server (PyTriton)", 90),
+    "triton-repo": Command("frcnn.runtime.serving.triton_repo_cli",
+                           "write a model repository for a stock tritonserver", 100),
 }
 """The runtime's own commands; the other layers' come from the ``frcnn.commands`` entry points."""
 

@@ -206,11 +206,12 @@ def run_infer(args: argparse.Namespace) -> int:
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("infer", help="run an exported model on images",
                                    description=__doc__.split("\n\n")[0] if __doc__ else None)  # fmt: skip
-    parser.add_argument("model", metavar="MODEL", help="exported model: .onnx, or .engine / .plan (TensorRT)")
+    parser.add_argument("model", metavar="MODEL", help="exported model: .onnx, or .engine / .plan (TensorRT), or a Triton URL "
+                        "http://HOST:PORT/frcnn / grpc://HOST:PORT/frcnn (`frcnn serve`)")
     parser.add_argument("inputs", nargs="+", metavar="IMAGE|DIR", help="image files or folders of images")
     parser.add_argument("--output", required=True, help="folder for the drawn PNGs and results.json")
     parser.add_argument("--score-threshold", type=float, default=0.5, help="minimum score kept (default 0.5)")
     parser.add_argument("--batch", type=int, default=1, help="images per model call (default 1)")
-    parser.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt"))
+    parser.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt", "triton"))
     parser.set_defaults(func=run_infer)
     return parser

@@ -12,7 +12,7 @@ from pathlib import Path
 from frcnn.runtime import cli
 
 REPO = Path(__file__).resolve().parents[1]
-NAMES = ["demo", "data", "train", "export", "plugins", "infer", "parity", "eval", "bench"]
+NAMES = ["demo", "data", "train", "export", "plugins", "infer", "parity", "eval", "bench", "serve", "triton-repo"]
 """Every `frcnn` sub-command, in the order `frcnn --help` lists them (as before the entry points)."""
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from frcnn.runtime.backends.base import Backend
 from frcnn.runtime.errors import UserError
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", "onnxruntime", "tensorrt", "triton")
 ENGINE_SUFFIXES = (".engine", ".plan")
 ONNX_SUFFIXES = (".onnx",)
 
@@ -25,6 +25,13 @@ def resolve_backend(path: str | os.PathLike[str], backend: str = "auto") -> str:
     """``"onnxruntime"`` or ``"tensorrt"`` for ``path`` (by suffix when ``backend == "auto"``)."""
     if backend not in BACKENDS:
         raise UserError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    from frcnn.runtime.backends.triton import is_url  # URL dispatch (issue 13); imports no tritonclient
+
+    if is_url(os.fspath(path)) != (backend == "triton") and backend != "auto":
+        raise UserError(f"backend={backend!r} does not fit {os.fspath(path)!r}: a Triton server is named by an "
+                        "http:// or grpc:// URL (backend 'triton' or 'auto'), a local model by its file")
+    if is_url(os.fspath(path)):
+        return "triton"
     suffix = os.path.splitext(os.fspath(path))[1].lower()
     if backend == "auto":
         if suffix in ENGINE_SUFFIXES:
@@ -65,6 +72,10 @@ def create_backend(path: str | os.PathLike[str], backend: str = "auto", **kwargs
     if os.path.isdir(path):
         check_model_file(path)  # "a folder, not a model file" rather than "cannot tell the backend"
     kind = resolve_backend(path, backend)
+    if kind == "triton":
+        from frcnn.runtime.backends.triton import TritonBackend
+
+        return TritonBackend(os.fspath(path), **kwargs)
     check_model_file(path)
     if kind == "tensorrt":
         from frcnn.runtime.backends.tensorrt import TensorRTBackend
