@@ -50,4 +50,4 @@ def test_missing_registrations_are_one_clear_error(monkeypatch, capsys) -> None:
     assert cli.main(["train", "--config", "x.yaml"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("frcnn: error: unknown command 'train'") and "pip install -e ." in err, err
-    assert list(cli.discover_commands()) == ["infer", "bench"]  # the runtime's own commands still work
+    assert list(cli.discover_commands()) == ["infer", "bench", "serve", "triton-repo"]  # the runtime's own commands still work
