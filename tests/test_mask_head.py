@@ -153,9 +153,12 @@ def test_model_masks_are_the_mask_head_on_the_final_detections(small_mask_model)
     for i, img in enumerate(imgs):
         images[i, :, : img.shape[0], : img.shape[1]] = torch.from_numpy(img).permute(2, 0, 1)
     sizes = torch.tensor(shapes, dtype=torch.int32)
+    seen = {}
+    hook = model.roi_heads.register_forward_pre_hook(lambda m, args: seen.update(features=args[0]))
     with torch.no_grad():
         out = model(images, sizes)
-        features = model.backbone(model.preprocess(images, sizes))
+    hook.remove()
+    features = seen["features"]
     masks, num = out["masks"], out["num_detections"]
     assert masks.shape == (2, 100, 28, 28) and masks.dtype == torch.float32
     assert int(num.min()) > 3, "the lively model must detect something in both images"
@@ -164,7 +167,7 @@ def test_model_masks_are_the_mask_head_on_the_final_detections(small_mask_model)
     for b in range(2):
         n = int(num[b])
         assert masks[b, n:].abs().sum() == 0  # padding rows
-        for t in range(0, n, max(n // 4, 1)):  # one detection at a time, alone in its batch
+        for t in (0, n // 2, n - 1):  # one detection at a time, alone in its batch
             box = out["boxes"][b, t].view(1, 1, 4)
             pooled = roi_align_v2(box, [f[b : b + 1] for f in feats], output_size=14, sampling_ratio=0,
                                   aligned=True, canonical_box_size=224.0, canonical_level=4, min_level=2)
@@ -173,3 +176,39 @@ def test_model_masks_are_the_mask_head_on_the_final_detections(small_mask_model)
             want = torch.sigmoid(logits[0, int(out["classes"][b, t])])
             torch.testing.assert_close(masks[b, t], want, rtol=0, atol=1e-5)
     assert 0.01 < float(masks[0, :n].std())  # not a constant
+
+
+def test_predictor_returns_pasted_masks_in_original_pixels(small_mask_model) -> None:
+    import numpy as np
+    from frcnn.runtime.masks import paste_masks_in_image
+    from frcnn.trainer import Predictor
+
+    cfg, model = small_mask_model
+    cfg = cfg.clone()
+    cfg.merge_from_list(["INPUT.MIN_SIZE_TEST", "160"])
+    predictor = Predictor(cfg)
+    predictor.model.load_state_dict(model.state_dict())
+    (image,) = random_images([(120, 168)], 7)  # resized to 160 x 224
+    dets = predictor(image)
+    masks, boxes = dets["masks"], dets["boxes"]
+    n = len(boxes)
+    assert n > 3 and masks.shape == (n, 120, 168) and masks.dtype == bool
+    with torch.no_grad():
+        raw = predictor.model(torch.from_numpy(predictor_input(image)), torch.tensor([[160, 224]], dtype=torch.int32))
+    # Same rows as the boxes (nothing dropped for this image): paste of the raw probabilities on the final boxes.
+    assert int(raw["num_detections"][0]) == n
+    want = paste_masks_in_image(raw["masks"][0, :n].numpy(), boxes, (120, 168))
+    assert np.array_equal(masks, want) and masks.any(axis=(1, 2)).sum() > 0
+    ys, xs = np.mgrid[0:120, 0:168] + 0.5
+    for k in range(n):  # a pixel is in a mask only if its centre is in the box (threshold 0.5 semantics)
+        x0, y0, x1, y1 = boxes[k]
+        inside = (xs >= x0) & (xs <= x1) & (ys >= y0) & (ys <= y1)
+        assert not (masks[k] & ~inside).any()
+
+
+def predictor_input(image):
+    """The Predictor's own resize of a 120 x 168 image to 160 x 224 (uint8 [1, 3, 160, 224])."""
+    from frcnn.runtime.preprocess import batch_images, resize_image
+
+    batch, _ = batch_images([resize_image(image, 160, 224)])
+    return batch

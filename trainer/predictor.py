@@ -11,6 +11,7 @@ from os import PathLike
 
 import numpy as np
 import torch
+from frcnn.runtime.masks import detector_postprocess_masks
 from frcnn.runtime.postprocess import detector_postprocess
 from frcnn.runtime.preprocess import batch_images, resize_image, resize_shortest_edge_size, validate_image
 
@@ -33,7 +34,8 @@ class Predictor:
     ``predictor(image)`` with ``image`` uint8 [H, W, 3] BGR (like detectron2's DefaultPredictor; it is
     flipped when the model was trained on ``INPUT.FORMAT`` RGB) returns a dict with
     ``boxes`` float32 [N, 4] (x1, y1, x2, y2 in original-image pixels), ``scores`` float32 [N] and
-    ``classes`` int64 [N], N <= TEST.DETECTIONS_PER_IMAGE.
+    ``classes`` int64 [N], N <= TEST.DETECTIONS_PER_IMAGE; with MODEL.MASK_ON also ``masks`` bool [N, H, W]
+    (detectron2's ``paste_masks_in_image``, threshold 0.5, via frcnn.runtime.masks).
     """
 
     def __init__(self, cfg: CfgNode, weights: str | PathLike[str] | None = None, device: str = "cpu") -> None:
@@ -69,5 +71,9 @@ class Predictor:
                 out["boxes"][i, :n], out["scores"][i, :n], out["classes"][i, :n],
                 resized_hw=(int(sizes[i, 0]), int(sizes[i, 1])), original_hw=img.shape[:2],
             )
-            results.append({"boxes": boxes, "scores": scores, "classes": classes.astype(np.int64)})
+            result = {"boxes": boxes, "scores": scores, "classes": classes.astype(np.int64)}
+            if "masks" in out:
+                result["masks"] = detector_postprocess_masks(
+                    out["masks"][i, :n], out["boxes"][i, :n], (int(sizes[i, 0]), int(sizes[i, 1])), img.shape[:2])
+            results.append(result)
         return results
