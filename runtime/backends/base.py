@@ -19,6 +19,9 @@ from frcnn.runtime.errors import UserError
 INPUTS: dict[str, type] = {"images": np.uint8, "image_sizes": np.int32}
 OUTPUTS: dict[str, type] = {"num_detections": np.int32, "boxes": np.float32, "scores": np.float32,
                             "classes": np.int32}  # fmt: skip
+#: Outputs of Mask R-CNN exports only (MODEL.MASK_ON): ``masks`` float32 [B, T, M, M], each detection's
+#: class probabilities on its box (frcnn.runtime.masks pastes them).
+MASK_OUTPUTS: dict[str, type] = {"masks": np.float32}
 
 
 MODEL_INPUTS: dict[str, tuple[type, tuple[int | None, ...]]] = {
