@@ -363,7 +363,7 @@ def test_every_packaged_config_loads_and_is_supported(name):
     cfg.merge_from_file(model_zoo_config(name))
     if name == "Base-RCNN-FPN.yaml":
         assert cfg.MODEL.RESNETS.DEPTH == 50
-    check_supported(cfg, training=not cfg.MODEL.MASK_ON)  # mask training: test_detectron2_mask_rcnn_loads...
+    check_supported(cfg, training=not cfg.MODEL.MASK_ON)  # mask training needs INPUT.MASK_FORMAT bitmask
 
 
 def test_packaged_config_values():
@@ -393,8 +393,10 @@ def test_detectron2_mask_rcnn_loads_and_equals_packaged(d2_tree):
     ours.merge_from_file(model_zoo_config("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"))
     assert ours == cfg and cfg.MODEL.MASK_ON is True and cfg.MODEL.ROI_MASK_HEAD.NUM_CONV == 4
     check_supported(cfg)  # inference and export build the mask head
-    with pytest.raises(ConfigError, match=r"MODEL.MASK_ON = True: only False .*mask loss are not built"):
+    with pytest.raises(ConfigError, match=r"INPUT.MASK_FORMAT = 'polygon': only 'bitmask' is supported"):
         check_supported(cfg, training=True)
+    cfg.merge_from_list(["INPUT.MASK_FORMAT", "bitmask"])
+    check_supported(cfg, training=True)
 
 
 @pytest.mark.parametrize("name, depth, iters", [("mask_rcnn_R_50_FPN_1x.yaml", 50, 90000),

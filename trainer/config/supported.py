@@ -10,7 +10,7 @@ its key, its value and what to do.
 Keys that are accepted although nothing reads them, and why that is not "silently wrong":
 - ROI_MASK_HEAD.* with MASK_ON False: detectron2 reads them only when MASK_ON is True (Base-RCNN-FPN.yaml
   sets them even for box-only models; detectron2 ignores them just the same). With MASK_ON True they are
-  checked; INPUT.MASK_FORMAT is read only by mask training, which is rejected.
+  checked; INPUT.MASK_FORMAT is read by mask training, which needs 'bitmask'.
 - ROI_KEYPOINT_HEAD.*, SEM_SEG_HEAD.*, PANOPTIC_FPN.*, TEST.KEYPOINT_OKS_SIGMAS: detectron2 itself reads
   them only when KEYPOINT_ON is True or META_ARCHITECTURE is PanopticFPN, and those are rejected here.
 - RETINANET.*, ROI_BOX_CASCADE_HEAD.*: read only by the RetinaNet meta-architecture and the cascade ROI
@@ -191,8 +191,10 @@ def _check_input_and_test(cfg: CfgNode, problems: list[str]) -> None:
 
 def _check_training(cfg: CfgNode, problems: list[str]) -> None:
     """Training-only features that the trainer does not implement (relax here when it does)."""
-    _expect(problems, "MODEL.MASK_ON", cfg.MODEL.MASK_ON, (False,),
-            "mask targets and the mask loss are not built (Mask R-CNN runs for inference and export only)")
+    if cfg.MODEL.MASK_ON:
+        _expect(problems, "INPUT.MASK_FORMAT", cfg.INPUT.MASK_FORMAT, ("bitmask",),
+                "mask targets are detectron2's bitmask ones (ROIAlign of the decoded mask); detectron2's "
+                "'polygon' targets rasterise polygons per box instead and are not built")
     _expect(problems, "INPUT.MIN_SIZE_TRAIN_SAMPLING", cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING, ("choice",))
     _expect(problems, "INPUT.RANDOM_FLIP", cfg.INPUT.RANDOM_FLIP, ("horizontal", "none"))
     _expect(problems, "INPUT.CROP.ENABLED", cfg.INPUT.CROP.ENABLED, (False,), "random crop is not built")

@@ -416,9 +416,7 @@ class StandardROIHeads(nn.Module):
         image_sizes: Tensor,
         targets: list[dict[str, Tensor]],
     ) -> dict[str, Tensor]:
-        """Label and sample the proposals against the targets, then {"loss_cls", "loss_box_reg"}."""
-        if self.mask_on:
-            raise ConfigError("training the mask head (MODEL.MASK_ON True) is not built; set MODEL.MASK_ON False")
+        """Label and sample the proposals against the targets, then {"loss_cls", "loss_box_reg"} (+ "loss_mask")."""
         from .roi_losses import roi_head_losses  # provided with the trainer (matching + sampling + losses)
 
         return roi_head_losses(self, features, proposals, num_proposals, image_sizes, targets)

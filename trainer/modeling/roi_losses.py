@@ -42,11 +42,13 @@ __all__ = ["SampledProposals", "fast_rcnn_losses", "label_and_sample_proposals",
 
 class SampledProposals(NamedTuple):
     """One image's training sample: boxes Tensor[R, 4], gt_classes Tensor[R] int64 in [0, K] (K =
-    background), gt_boxes Tensor[R, 4] (matched ground truth; the proposal itself when the image has none)."""
+    background), gt_boxes Tensor[R, 4] (matched ground truth; the proposal itself when the image has none),
+    gt_index Tensor[R] int64 (row of the matched ground truth; 0 when the image has none)."""
 
     boxes: Tensor
     gt_classes: Tensor
     gt_boxes: Tensor
+    gt_index: Tensor
 
 
 def _target_classes(
@@ -99,7 +101,7 @@ def label_and_sample_proposals(
             classes, roi_heads.batch_size_per_image, roi_heads.positive_fraction, num_classes
         )
         idx = torch.cat([fg_idx, bg_idx], dim=0)
-        samples.append(SampledProposals(boxes[idx], classes[idx], matched_boxes[idx]))
+        samples.append(SampledProposals(boxes[idx], classes[idx], matched_boxes[idx], matched_idxs[idx]))
     return samples
 
 
@@ -149,11 +151,11 @@ def roi_head_losses(
     image_sizes: Tensor,
     targets: Sequence[dict[str, Tensor]],
 ) -> dict[str, Tensor]:
-    """{"loss_cls", "loss_box_reg"} for the ROI heads in training mode.
+    """{"loss_cls", "loss_box_reg"} (+ "loss_mask" with MASK_ON, see mask_losses.py) in training mode.
 
     features: name -> Tensor[B, C, H_l, W_l]; proposals: Tensor[B, P, 4] (rows >= num_proposals padding);
     num_proposals: Tensor[B]; image_sizes: Tensor[B, 2] (unused: proposals are already clipped, ground truth
-    is used as given); targets: per image {"boxes": [G, 4], "classes": [G]}.
+    is used as given); targets: per image {"boxes": [G, 4], "classes": [G]} (+ "masks" [G, H, W] with MASK_ON).
     """
     samples = label_and_sample_proposals(roi_heads, proposals, num_proposals, targets)
     counts = [s.boxes.shape[0] for s in samples]
@@ -165,7 +167,7 @@ def roi_head_losses(
     valid = torch.arange(rows, device=padded.device).unsqueeze(0) < torch.tensor(
         counts, device=padded.device
     ).unsqueeze(1)
-    return fast_rcnn_losses(
+    losses = fast_rcnn_losses(
         roi_heads.box_predictor,
         logits[valid],
         deltas[valid],
@@ -173,3 +175,8 @@ def roi_head_losses(
         torch.cat([s.gt_classes for s in samples], dim=0),
         torch.cat([s.gt_boxes for s in samples], dim=0),
     )
+    if roi_heads.mask_on:
+        from .mask_losses import mask_targets_and_losses
+
+        losses.update(mask_targets_and_losses(roi_heads, features, samples, targets))
+    return losses
