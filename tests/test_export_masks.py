@@ -112,3 +112,20 @@ def test_ort_masks_match_pytorch(detector, case: str) -> None:
     assert matched == int(ref["num_detections"].sum())
     spread = ref["masks"][0, : int(ref["num_detections"][0])]
     assert ((spread > 0.6).mean() > 0.05) and ((spread < 0.4).mean() > 0.05)  # a meaningful threshold test
+
+
+def test_deployed_segm_ap_equals_pytorch(onnx_path: Path, tmp_path: Path) -> None:
+    from frcnn.runtime.eval_deployed import evaluate_deployed, format_delta
+    from frcnn.trainer.data import load_coco_split, synthesize_dataset
+    from frcnn.trainer.engine.inference import evaluate_model
+
+    synthesize_dataset(tmp_path / "ds", num_images=8, size=128, num_classes=3, seed=1, val_fraction=0.5)
+    cfg, model = mask_model()
+    dicts, meta = load_coco_split(tmp_path / "ds", "val")
+    with torch.inference_mode():
+        reference = evaluate_model(model, cfg, dicts, meta, num_workers=0)
+    deployed = evaluate_deployed(str(onnx_path), str(tmp_path / "ds"), "val", None, 2)
+    print(format_delta(deployed, reference))
+    for key in ("AP", "AP50", "segm/AP", "segm/AP50"):
+        assert key in deployed and abs(deployed[key] - reference[key]) <= 1e-3, (key, deployed[key], reference[key])
+    assert "segm/AP-circle" in deployed or any(k.startswith("segm/AP-") for k in deployed)

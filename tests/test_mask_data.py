@@ -128,3 +128,60 @@ def test_frcnn_train_with_masks_on_the_synthetic_set(tmp_path: Path, capsys: pyt
     assert len(lines) == 2 and all(0.3 < r["loss_mask"] < 1.0 for r in lines), lines
     state = torch.load(tmp_path / "run" / "model_final.pth", weights_only=True)["model"]
     assert "roi_heads.mask_head.predictor.weight" in state
+
+
+def _segm_dataset(tmp_path: Path):
+    from frcnn.trainer.data.coco import load_coco_json
+    from pycocotools import mask as mask_util
+
+    Image.new("RGB", (40, 30)).save(tmp_path / "c.png")
+    gt = np.zeros((2, 30, 40), np.uint8)
+    gt[0, 2:20, 3:15] = 1
+    gt[1, 10:28, 20:38] = 1
+    gt[1, 10:16, 20:26] = 0  # not a rectangle: box AP and mask AP differ
+    rles = mask_util.encode(np.asfortranarray(gt.transpose(1, 2, 0)))
+    anns = []
+    for k, rle in enumerate(rles):
+        x, y, w, h = mask_util.toBbox(rle).tolist()
+        anns.append({"id": k + 1, "image_id": 1, "category_id": 1, "bbox": [x, y, w, h], "iscrowd": 0,
+                     "area": float(mask_util.area(rle)), "segmentation": {"size": [30, 40],
+                                                                           "counts": rle["counts"].decode()}})
+    data = {"images": [{"id": 1, "file_name": "c.png", "height": 30, "width": 40}],
+            "categories": [{"id": 1, "name": "thing"}], "annotations": anns}
+    (tmp_path / "gt.json").write_text(json.dumps(data))
+    _, meta = load_coco_json(tmp_path / "gt.json", tmp_path)
+    return gt.astype(bool), meta
+
+
+def test_segm_ap_equals_pycocotools_on_the_same_results(tmp_path: Path) -> None:
+    import contextlib
+    import io
+
+    from frcnn.trainer.evaluation import COCOEvaluator
+    from pycocotools import mask as mask_util
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt, meta = _segm_dataset(tmp_path)
+    pred = gt.copy()
+    pred[1, 10:16, 20:26] = True  # box right, mask IoU 288 / 324 = 0.89: misses the IoU >= 0.9 thresholds
+    boxes = np.array([[3, 2, 15, 20], [20, 10, 38, 28]], np.float32)
+    evaluator = COCOEvaluator(meta)
+    evaluator.process([{"image_id": 1}], [{"boxes": boxes, "scores": np.array([0.9, 0.8], np.float32),
+                                           "classes": np.array([0, 0]), "masks": pred}])
+    metrics = evaluator.evaluate()
+    assert metrics["AP"] == pytest.approx(1.0)  # boxes are exact
+    # Reference: pycocotools directly on RLEs encoded here, without boxes in the results.
+    gt_coco = COCO()
+    gt_coco.dataset = json.loads((tmp_path / "gt.json").read_text())
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt_coco.createIndex()
+        rles = mask_util.encode(np.asfortranarray(pred.transpose(1, 2, 0).astype(np.uint8)))
+        dt = gt_coco.loadRes([{"image_id": 1, "category_id": 1, "score": s, "segmentation": r}
+                              for s, r in zip((0.9, 0.8), rles)])
+        ev = COCOeval(gt_coco, dt, "segm")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    assert metrics["segm/AP"] == pytest.approx(ev.stats[0]) and metrics["segm/AP50"] == pytest.approx(1.0)
+    assert metrics["segm/AP"] < 0.95 and metrics["segm/AP75"] == pytest.approx(ev.stats[2])
