@@ -6,6 +6,8 @@ Writes, into ``--output``:
 - ``results.json``: COCO results format ``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"}]``
   (``image_id`` = 1-based position of the image in the run, ``category_id`` = class index + 1), each entry
   also naming ``file_name`` and ``category_name``.
+Mask R-CNN models: masks are blended into the drawing (half transparent) and each result has a COCO RLE
+``segmentation``.
 Detections below ``--score-threshold`` (default 0.5) are neither drawn nor written. Torch-free.
 """
 
@@ -19,11 +21,16 @@ from typing import Any
 import numpy as np
 from frcnn.runtime.errors import UserError
 from frcnn.runtime.fileio import atomic_write_json, atomic_writer
+from frcnn.runtime.masks import masks_to_rle
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
            (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40), (128, 0, 0)]  # fmt: skip
+
+
+#: Opacity of the class colour over a mask's pixels.
+MASK_ALPHA = 0.5
 
 
 def collect_images(inputs: Sequence[str]) -> list[str]:
@@ -51,8 +58,16 @@ def read_rgb(path: str) -> np.ndarray:
         raise UserError(f"cannot read image {path}: {exc}; replace the file or leave it out") from None
 
 
-def draw_detections(rgb: np.ndarray, boxes: np.ndarray, labels: Sequence[str], classes: np.ndarray) -> Image.Image:
-    """The image with each box outlined (width >= 2 px) and ``labels[i]`` on a filled background above it."""
+def draw_detections(rgb: np.ndarray, boxes: np.ndarray, labels: Sequence[str], classes: np.ndarray,
+                    masks: np.ndarray | None = None) -> Image.Image:  # fmt: skip
+    """The image with each box outlined (width >= 2 px) and ``labels[i]`` on a filled background above it;
+    ``masks`` (bool [N, H, W], Mask R-CNN) are blended in first, half transparent, in the box colour."""
+    if masks is not None:
+        rgb = rgb.astype(np.float32)
+        for mask, cls in zip(masks, classes):
+            color = np.array(PALETTE[int(cls) % len(PALETTE)], np.float32)
+            rgb[mask] = MASK_ALPHA * color + (1 - MASK_ALPHA) * rgb[mask]
+        rgb = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
     image = Image.fromarray(rgb)
     draw = ImageDraw.Draw(image)
     h, w = rgb.shape[:2]
@@ -104,16 +119,18 @@ def run_infer(args: argparse.Namespace) -> int:
         for k, (path, rgb, dets) in enumerate(zip(chunk, images, detector(images))):
             keep = dets.scores >= args.score_threshold
             boxes, scores, classes = dets.boxes[keep], dets.scores[keep], dets.classes[keep]
+            masks = dets.masks[keep] if dets.masks is not None else None
+            rles = masks_to_rle(masks) if masks is not None else [None] * len(scores)
             names = [detector.class_names[int(c)] for c in classes]
             labels = [f"{n} {s:.2f}" for n, s in zip(names, scores)]
             out_path = os.path.join(args.output, _out_name(path, used))
-            _atomic_save(draw_detections(rgb, boxes, labels, classes), out_path)
+            _atomic_save(draw_detections(rgb, boxes, labels, classes, masks), out_path)
             image_id = start + k + 1
-            for box, score, cls, name in zip(boxes, scores, classes, names):
+            for box, score, cls, name, rle in zip(boxes, scores, classes, names, rles):
                 x1, y1, x2, y2 = (float(v) for v in box)
                 results.append({"image_id": image_id, "file_name": path, "category_id": int(cls) + 1,
                                 "category_name": name, "bbox": [x1, y1, x2 - x1, y2 - y1],
-                                "score": float(score)})  # fmt: skip
+                                "score": float(score), **({"segmentation": rle} if rle else {})})  # fmt: skip
             print(f"{path}: {len(scores)} detection(s) -> {out_path}")
     json_path = os.path.join(args.output, "results.json")
     _atomic_json(results, json_path)

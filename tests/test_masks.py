@@ -177,3 +177,18 @@ def test_masks_to_rle_round_trips_through_pycocotools() -> None:
     assert list(mask_util.area([{"size": r["size"], "counts": r["counts"].encode()} for r in rles])) == [
         int(masks[0].sum()), int(masks[1].sum())]
     assert masks_to_rle(np.zeros((0, 4, 5), bool)) == []
+
+
+def test_infer_draws_masks_half_transparent() -> None:
+    from frcnn.runtime.infer_cli import MASK_ALPHA, PALETTE, draw_detections
+
+    rgb = np.full((40, 60, 3), 100, np.uint8)
+    masks = np.zeros((1, 40, 60), bool)
+    masks[0, 10:30, 20:40] = True
+    drawn = np.asarray(draw_detections(rgb, np.array([[5.0, 5.0, 55.0, 35.0]]), ["x"], np.array([2]), masks))
+    color = np.array(PALETTE[2], np.float64)
+    want = np.rint(MASK_ALPHA * color + (1 - MASK_ALPHA) * 100)
+    assert np.array_equal(drawn[15:25, 25:35].reshape(-1, 3), np.broadcast_to(want, (100, 3)))
+    assert (drawn[36:, :] == 100).all()  # below the box: untouched
+    plain = np.asarray(draw_detections(rgb, np.array([[5.0, 5.0, 55.0, 35.0]]), ["x"], np.array([2])))
+    assert (plain[15:25, 25:35] == 100).all()
