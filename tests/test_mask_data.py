@@ -106,6 +106,7 @@ def test_synthetic_masks_are_the_visible_pixels() -> None:
     assert union.max() == 1  # visible pixels belong to one shape only
 
 
+@pytest.mark.slow  # two training iterations of the small R18 Mask R-CNN through the CLI
 def test_frcnn_train_with_masks_on_the_synthetic_set(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import torch
     from frcnn.runtime.cli import main as frcnn_main
