@@ -16,9 +16,9 @@ from collections.abc import Sequence
 
 import onnx
 import torch
-from frcnn.runtime.contract import INPUT_NAMES, OUTPUT_NAMES, PROPOSAL_NAMES
+from frcnn.runtime.contract import INPUT_NAMES, MASK_OUTPUT_NAMES, OUTPUT_NAMES, PROPOSAL_NAMES
 
-PROTECTED = INPUT_NAMES + OUTPUT_NAMES + PROPOSAL_NAMES
+PROTECTED = INPUT_NAMES + OUTPUT_NAMES + MASK_OUTPUT_NAMES + PROPOSAL_NAMES
 """Graph input/output names that are never renamed."""
 
 _SCOPE_ALIASES = {"proposal_generator": "rpn", "anchor_generator": "anchors"}
@@ -133,11 +133,12 @@ def name_graph(model: onnx.ModelProto, feature_names: Sequence[str]) -> onnx.Mod
         del node.metadata_props[:]
     _name_constants(graph, mapping)
     custom = [n for n in graph.node if n.domain == DOMAIN]
-    roi = [n for n in custom if n.op_type == "ROIAlignV2"]
+    roi = [n for n in custom if n.op_type == "ROIAlignV2"]  # the box pooler's, then the mask pooler's
     nms = [n for n in custom if n.op_type == "BatchedNMS"]
-    if len(roi) != 1 or len(nms) != 2:
-        raise RuntimeError(f"expected 1 ROIAlignV2 and 2 BatchedNMS nodes in the export, got {len(roi)} and "
-                           f"{len(nms)}; the model's inference path changed")
+    num_roi = 1 + any(o.name in MASK_OUTPUT_NAMES for o in graph.output)
+    if len(roi) != num_roi or len(nms) != 2 or not roi[0].name.startswith("roi_heads/box_pooler"):
+        raise RuntimeError(f"expected {num_roi} ROIAlignV2 (box pooler first) and 2 BatchedNMS nodes in the export, "
+                           f"got {[n.name for n in roi]} and {len(nms)}; the model's inference path changed")
     rpn_nms = next(n for n in nms if n.name.startswith("rpn/"))
     special = {rpn_nms.output[0]: "num_proposals", roi[0].input[0]: "proposals"}
     special.update(zip(roi[0].input[1:], feature_names))

@@ -33,7 +33,7 @@ from typing import Any
 import onnx
 import torch
 from frcnn.export.naming import name_graph, register_stage_frames
-from frcnn.runtime.contract import INPUT_NAMES, OUTPUT_NAMES, PROPOSAL_NAMES
+from frcnn.runtime.contract import INPUT_NAMES, MASK_OUTPUT_NAMES, OUTPUT_NAMES, PROPOSAL_NAMES
 from frcnn.runtime.contract import MIN_PADDED_SIDE as MIN_IMAGE_SIDE
 from frcnn.runtime.errors import UserError
 from frcnn.runtime.fileio import atomic_writer
@@ -51,6 +51,7 @@ class DeployModel(nn.Module):
         return_proposals: also return ``proposals`` [B, P, 4] and ``num_proposals`` [B] int32.
     forward(images uint8 [B, 3, H, W], image_sizes int32 [B, 2]) ->
         (num_detections [B] int32, boxes [B, T, 4] float32, scores [B, T] float32, classes [B, T] int32)
+        + (masks [B, T, M, M] float32,) for a Mask R-CNN model
     """
 
     def __init__(self, model: Any, return_proposals: bool = False) -> None:
@@ -58,10 +59,14 @@ class DeployModel(nn.Module):
         self.model = model
         self.return_proposals = return_proposals
 
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        masks = MASK_OUTPUT_NAMES if getattr(self.model.roi_heads, "mask_on", False) else ()
+        return OUTPUT_NAMES + masks + (PROPOSAL_NAMES if self.return_proposals else ())
+
     def forward(self, images: Tensor, image_sizes: Tensor) -> tuple[Tensor, ...]:
         out = self.model.inference(images, image_sizes, return_proposals=self.return_proposals)
-        names = OUTPUT_NAMES + (PROPOSAL_NAMES if self.return_proposals else ())
-        return tuple(out[name] for name in names)
+        return tuple(out[name] for name in self.output_names)
 
 
 def check_opset(opset: int) -> int:
@@ -96,7 +101,7 @@ def _torch_export(module: DeployModel, example: tuple[Tensor, Tensor], opset: in
     batch = torch.export.Dim("batch", min=1, max=max(int(max_batch), 2))
     height = torch.export.Dim("height", min=MIN_IMAGE_SIDE, max=max(int(max_side), MIN_IMAGE_SIDE + 1))
     width = torch.export.Dim("width", min=MIN_IMAGE_SIDE, max=max(int(max_side), MIN_IMAGE_SIDE + 1))
-    output_names = list(OUTPUT_NAMES) + (list(PROPOSAL_NAMES) if module.return_proposals else [])
+    output_names = list(module.output_names)
     program = torch.onnx.export(
         module, example, dynamo=True, opset_version=opset, optimize=True, verbose=False, report=False,
         custom_translation_table=onnx_registry.custom_translation_table(),
@@ -283,6 +288,7 @@ def describe(model: onnx.ModelProto) -> dict[str, Any]:
 __all__ = [
     "DEFAULT_OPSET",
     "INPUT_NAMES",
+    "MASK_OUTPUT_NAMES",
     "MIN_IMAGE_SIDE",
     "OUTPUT_NAMES",
     "PROPOSAL_NAMES",

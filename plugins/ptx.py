@@ -89,13 +89,14 @@ def _module(name: str):
     return importlib.import_module(name)
 
 
-def roi_align_v2_spec(feature_dtype: str = "fp32", rois_dtype: str = "fp32", **attrs) -> KernelSpec:
+def roi_align_v2_spec(feature_dtype: str = "fp32", rois_dtype: str = "fp32", name: str = "roi_align_v2",
+                      **attrs) -> KernelSpec:  # fmt: skip
     """ROIAlignV2 kernel for features of ``feature_dtype`` ("fp32" / "fp16"); attrs as the op's (defaults)."""
     if feature_dtype not in ("fp32", "fp16") or rois_dtype not in ("fp32", "fp16"):
         raise UserError(f"roi_align_v2: dtypes must be fp32 or fp16, got {feature_dtype}, {rois_dtype}")
     mod = _module(_ROI_MODULE)
     return KernelSpec(
-        name=f"roi_align_v2_{feature_dtype}", module=_ROI_MODULE, kernel="roi_align_v2_kernel",
+        name=f"{name}_{feature_dtype}", module=_ROI_MODULE, kernel="roi_align_v2_kernel",
         signature=mod.signature(feature_dtype, rois_dtype), constexprs=mod.constexprs(**attrs),
         num_warps=mod.NUM_WARPS,
     )
@@ -115,10 +116,13 @@ def batched_nms_spec(
 
 
 def default_specs() -> list[KernelSpec]:
-    """The configurations of the R50-FPN detector: ROIAlignV2 fp32/fp16, NMS of the RPN and of the head."""
+    """The configurations of the R50-FPN detector: ROIAlignV2 fp32/fp16 (box pooler 7x7, Mask R-CNN's mask
+    pooler 14x14), NMS of the RPN and of the head."""
     return [
         roi_align_v2_spec("fp32"),
         roi_align_v2_spec("fp16"),
+        roi_align_v2_spec("fp32", name="roi_align_v2_mask", output_size=14),
+        roi_align_v2_spec("fp16", name="roi_align_v2_mask", output_size=14),
         # RPN: 5 levels x PRE_NMS_TOPK_TEST 1000 candidates -> cap 8192 (what trainer/modeling/rpn.py writes).
         batched_nms_spec(0.7, float("-inf"), 1000, max_candidates=8192, name="batched_nms_rpn"),
         batched_nms_spec(0.5, 0.05, 100, name="batched_nms_head"),

@@ -13,6 +13,7 @@ Outputs (T = the model's ``detections_per_image``, detectron2's ``TEST.DETECTION
     ``scores`` float32 [B, T], ``classes`` int32 [B, T]; rows ``>= num_detections[b]`` are padding.
 Optional debug outputs (``--proposals`` exports): ``proposals`` float32 [B, P, 4], ``num_proposals`` int32
 [B].
+Mask R-CNN exports add ``masks`` (:data:`MASK_OUTPUTS`) after the detection outputs.
 """
 
 from __future__ import annotations
@@ -26,11 +27,16 @@ OUTPUTS: dict[str, type] = {"num_detections": np.int32, "boxes": np.float32, "sc
                             "classes": np.int32}  # fmt: skip
 """Model outputs, in graph order: name -> numpy dtype."""
 
+MASK_OUTPUTS: dict[str, type] = {"masks": np.float32}
+"""Outputs of Mask R-CNN exports only (MODEL.MASK_ON), after the detection outputs: ``masks`` float32
+[B, T, M, M], each detection's class probabilities on its box (:mod:`frcnn.runtime.masks` pastes them)."""
+
 PROPOSAL_OUTPUTS: dict[str, type] = {"proposals": np.float32, "num_proposals": np.int32}
 """Extra outputs of a model exported with proposals (for parity debugging), in graph order."""
 
 INPUT_NAMES: tuple[str, ...] = tuple(INPUTS)
 OUTPUT_NAMES: tuple[str, ...] = tuple(OUTPUTS)
+MASK_OUTPUT_NAMES: tuple[str, ...] = tuple(MASK_OUTPUTS)
 PROPOSAL_NAMES: tuple[str, ...] = tuple(PROPOSAL_OUTPUTS)
 
 INPUT_SHAPES: dict[str, tuple[int | None, ...]] = {"images": (None, 3, None, None), "image_sizes": (None, 2)}
@@ -49,6 +55,8 @@ __all__ = [
     "INPUTS",
     "INPUT_NAMES",
     "INPUT_SHAPES",
+    "MASK_OUTPUTS",
+    "MASK_OUTPUT_NAMES",
     "MIN_PADDED_SIDE",
     "MODEL_INPUTS",
     "OUTPUTS",

@@ -28,8 +28,9 @@ from typing import Any, Self
 import numpy as np
 from frcnn.runtime.backends import create_backend
 from frcnn.runtime.backends.base import Backend
-from frcnn.runtime.contract import MIN_PADDED_SIDE
+from frcnn.runtime.contract import MASK_OUTPUTS, MIN_PADDED_SIDE
 from frcnn.runtime.errors import UserError
+from frcnn.runtime.masks import detector_postprocess_masks
 from frcnn.runtime.postprocess import postprocess_batch
 from frcnn.runtime.preprocess import Preprocessor
 from frcnn.runtime.shape_buckets import pad_to_bucket, resolve_sides
@@ -44,13 +45,16 @@ class Detections:
     """Detections of one image, in original-image pixels.
 
     boxes: float32 [N, 4] (x1, y1, x2, y2); scores: float32 [N] (descending); classes: int64 [N]
-    (indices into ``class_names``); class_names: the model's class names (all of them, not per box).
+    (indices into ``class_names``); class_names: the model's class names (all of them, not per box);
+    masks: bool [N, H, W] instance masks in the original image (Mask R-CNN models; None for box models),
+    ``frcnn.runtime.masks.masks_to_rle`` encodes them for COCO results.
     """
 
     boxes: np.ndarray
     scores: np.ndarray
     classes: np.ndarray
     class_names: list[str]
+    masks: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -169,9 +173,15 @@ class Detector:
 
     def postprocess(self, outputs: dict[str, np.ndarray], image_sizes: np.ndarray,
                     original_sizes: np.ndarray) -> list[Detections]:  # fmt: skip
-        """Padded model outputs -> per-image Detections in original pixels."""
-        return [Detections(b, s, c, self.class_names)
-                for b, s, c in postprocess_batch(outputs, image_sizes, original_sizes)]  # fmt: skip
+        """Padded model outputs -> per-image Detections in original pixels (with masks when the model has them)."""
+        results = [Detections(b, s, c, self.class_names)
+                   for b, s, c in postprocess_batch(outputs, image_sizes, original_sizes)]  # fmt: skip
+        for name in MASK_OUTPUTS.keys() & outputs.keys():
+            for i, det in enumerate(results):
+                n = int(outputs["num_detections"][i])
+                det.masks = detector_postprocess_masks(outputs[name][i, :n], outputs["boxes"][i, :n],
+                                                       image_sizes[i], original_sizes[i])  # fmt: skip
+        return results
 
     def close(self) -> None:
         """Free the backend (the Detector cannot be used afterwards; closing twice is harmless)."""

@@ -7,6 +7,8 @@ Writes, into ``--output``:
   (``image_id`` = 1-based position of the image in the run, ``category_id`` = class index + 1), each entry
   also naming ``file_name`` and ``category_name``;
 - ``.frcnn-infer.json``: the files frcnn infer wrote there (only those may be replaced by a later run).
+Mask R-CNN models: masks are blended into the drawing (half transparent) and each result has a COCO RLE
+``segmentation``.
 Detections below ``--score-threshold`` (default 0.5) are neither drawn nor written. Torch-free.
 
 Order of work: the arguments, the model file, every image header and the output folder are checked before
@@ -31,6 +33,7 @@ from frcnn.runtime.errors import UserError
 from frcnn.runtime.fileio import atomic_write_json, atomic_writer
 from frcnn.runtime.image_io import ImageError, probe_image, read_rgb
 from frcnn.runtime.infer_output import RESULTS, OutputFolder, display, plan_outputs
+from frcnn.runtime.masks import masks_to_rle
 from PIL import Image, ImageDraw, ImageFont
 
 __all__ = ["IMAGE_SUFFIXES", "add_parser", "collect_images", "draw_detections", "read_rgb", "run_infer"]
@@ -38,6 +41,10 @@ __all__ = ["IMAGE_SUFFIXES", "add_parser", "collect_images", "draw_detections", 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
            (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40), (128, 0, 0)]  # fmt: skip
+
+
+#: Opacity of the class colour over a mask's pixels.
+MASK_ALPHA = 0.5
 
 
 def _list_folder(folder: str) -> list[str]:
@@ -94,8 +101,16 @@ def _probe_all(files: Sequence[str]) -> None:
             raise ImageError(f"{where}{exc}") from None
 
 
-def draw_detections(rgb: np.ndarray, boxes: np.ndarray, labels: Sequence[str], classes: np.ndarray) -> Image.Image:
-    """The image with each box outlined (width >= 2 px) and ``labels[i]`` on a filled background above it."""
+def draw_detections(rgb: np.ndarray, boxes: np.ndarray, labels: Sequence[str], classes: np.ndarray,
+                    masks: np.ndarray | None = None) -> Image.Image:  # fmt: skip
+    """The image with each box outlined (width >= 2 px) and ``labels[i]`` on a filled background above it;
+    ``masks`` (bool [N, H, W], Mask R-CNN) are blended in first, half transparent, in the box colour."""
+    if masks is not None:
+        rgb = rgb.astype(np.float32)
+        for mask, cls in zip(masks, classes):
+            color = np.array(PALETTE[int(cls) % len(PALETTE)], np.float32)
+            rgb[mask] = MASK_ALPHA * color + (1 - MASK_ALPHA) * rgb[mask]
+        rgb = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
     image = Image.fromarray(rgb)
     draw = ImageDraw.Draw(image)
     h, w = rgb.shape[:2]
@@ -137,11 +152,15 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _entries(path: str, image_id: int, dets: Any, names: list[str], keep: np.ndarray) -> list[dict[str, Any]]:
+    """COCO result entries of the kept detections (with an RLE ``segmentation`` for Mask R-CNN models)."""
+    masks = dets.masks[keep] if dets.masks is not None else None
+    rles = masks_to_rle(masks) if masks is not None else [None] * int(keep.sum())
     out = []
-    for box, score, cls, name in zip(dets.boxes[keep], dets.scores[keep], dets.classes[keep], names):
+    for box, score, cls, name, rle in zip(dets.boxes[keep], dets.scores[keep], dets.classes[keep], names, rles):
         x1, y1, x2, y2 = (float(v) for v in box)
         out.append({"image_id": image_id, "file_name": display(path), "category_id": int(cls) + 1,
-                    "category_name": name, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})  # fmt: skip
+                    "category_name": name, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score),
+                    **({"segmentation": rle} if rle else {})})  # fmt: skip
     return out
 
 
@@ -161,7 +180,8 @@ def _run(args: argparse.Namespace, detector: Any, files: list[str], names: list[
             keep = dets.scores >= args.score_threshold
             labels = [detector.class_names[int(c)] for c in dets.classes[keep]]
             texts = [f"{n} {s:.2f}" for n, s in zip(labels, dets.scores[keep])]
-            drawn = draw_detections(rgb, dets.boxes[keep], texts, dets.classes[keep])
+            masks = dets.masks[keep] if dets.masks is not None else None
+            drawn = draw_detections(rgb, dets.boxes[keep], texts, dets.classes[keep], masks)
             out_path = folder.path(names[k])
             _atomic_save(drawn, out_path)
             results += _entries(files[k], k + 1, dets, labels, keep)

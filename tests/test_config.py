@@ -363,7 +363,7 @@ def test_every_packaged_config_loads_and_is_supported(name):
     cfg.merge_from_file(model_zoo_config(name))
     if name == "Base-RCNN-FPN.yaml":
         assert cfg.MODEL.RESNETS.DEPTH == 50
-    check_supported(cfg, training=True)
+    check_supported(cfg, training=not cfg.MODEL.MASK_ON)  # mask training needs INPUT.MASK_FORMAT bitmask
 
 
 def test_packaged_config_values():
@@ -386,16 +386,48 @@ def test_packaged_config_values():
     assert small.MODEL.RPN.PRE_NMS_TOPK_TEST == 1000 and small.MODEL.RPN.NMS_THRESH == 0.7
 
 
-def test_detectron2_mask_rcnn_loads_but_is_rejected(d2_tree):
+def test_detectron2_mask_rcnn_loads_and_equals_packaged(d2_tree):
     _, mask = d2_tree
-    cfg = get_cfg()
+    cfg, ours = get_cfg(), get_cfg()
     cfg.merge_from_file(mask)  # detectron2's own file loads unchanged
-    with pytest.raises(ConfigError, match=r"MODEL.MASK_ON = True"):
+    ours.merge_from_file(model_zoo_config("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"))
+    assert ours == cfg and cfg.MODEL.MASK_ON is True and cfg.MODEL.ROI_MASK_HEAD.NUM_CONV == 4
+    check_supported(cfg)  # inference and export build the mask head
+    with pytest.raises(ConfigError, match=r"INPUT.MASK_FORMAT = 'polygon': only 'bitmask' is supported"):
+        check_supported(cfg, training=True)
+    cfg.merge_from_list(["INPUT.MASK_FORMAT", "bitmask"])
+    check_supported(cfg, training=True)
+
+
+@pytest.mark.parametrize("name, depth, iters", [("mask_rcnn_R_50_FPN_1x.yaml", 50, 90000),
+                                                ("mask_rcnn_R_50_FPN_3x.yaml", 50, 270000),
+                                                ("mask_rcnn_R_101_FPN_3x.yaml", 101, 270000)])
+def test_packaged_mask_configs(name, depth, iters):
+    cfg = get_cfg()
+    cfg.merge_from_file(model_zoo_config("COCO-InstanceSegmentation/" + name))
+    assert cfg.MODEL.MASK_ON is True and cfg.MODEL.RESNETS.DEPTH == depth and cfg.SOLVER.MAX_ITER == iters
+    assert cfg.MODEL.WEIGHTS == f"detectron2://ImageNetPretrained/MSRA/R-{depth}.pkl"
+    check_supported(cfg)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("MODEL.ROI_MASK_HEAD.NAME", "MaskRCNNPointRendHead"), ("MODEL.ROI_MASK_HEAD.POOLER_TYPE", "ROIAlign"),
+    ("MODEL.ROI_MASK_HEAD.NORM", "GN"),
+])
+def test_mask_head_settings_checked_only_with_mask_on(key, value):
+    cfg = get_cfg()
+    cfg.merge_from_file(model_zoo_config("COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml"))
+    parent, leaf = key.rsplit(".", 1)
+    _get(cfg, parent)[leaf] = value
+    check_supported(cfg)  # detectron2 ignores ROI_MASK_HEAD.* without MASK_ON
+    cfg.MODEL.MASK_ON = True
+    with pytest.raises(ConfigError) as info:
         check_supported(cfg)
+    assert f"{key} = {value!r}" in str(info.value)
 
 
 UNSUPPORTED = [
-    ("MODEL.META_ARCHITECTURE", "RetinaNet"), ("MODEL.MASK_ON", True), ("MODEL.KEYPOINT_ON", True),
+    ("MODEL.META_ARCHITECTURE", "RetinaNet"), ("MODEL.KEYPOINT_ON", True),
     ("MODEL.LOAD_PROPOSALS", True), ("MODEL.PROPOSAL_GENERATOR.NAME", "RRPN"),
     ("MODEL.RPN.HEAD_NAME", "Custom"), ("MODEL.ROI_HEADS.NAME", "CascadeROIHeads"),
     ("MODEL.ROI_BOX_HEAD.NAME", "Other"), ("MODEL.ROI_BOX_HEAD.NUM_CONV", 4),
@@ -430,10 +462,10 @@ def test_check_supported_lists_every_problem_and_allows_offset():
     cfg.merge_from_file(model_zoo_config("COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml"))
     cfg.merge_from_list(["MODEL.ANCHOR_GENERATOR.OFFSET", "0.5", "MODEL.RETINANET.NUM_CONVS", "2"])
     check_supported(cfg)  # used / ignored-with-reason settings pass
-    cfg.merge_from_list(["MODEL.MASK_ON", "True", "MODEL.RESNETS.NORM", "SyncBN"])
+    cfg.merge_from_list(["MODEL.KEYPOINT_ON", "True", "MODEL.RESNETS.NORM", "SyncBN"])
     with pytest.raises(ConfigError) as info:
         check_supported(cfg)
-    assert "MODEL.MASK_ON = True" in str(info.value) and "MODEL.RESNETS.NORM = 'SyncBN'" in str(info.value)
+    assert "MODEL.KEYPOINT_ON = True" in str(info.value) and "MODEL.RESNETS.NORM = 'SyncBN'" in str(info.value)
 
 
 def test_default_config_is_rejected_and_training_checks_are_opt_in():

@@ -267,6 +267,7 @@ def test_mapper_rejects_size_mismatch(tmp_path: Path) -> None:
 def _cfg(ims_per_batch: int = 2, workers: int = 0) -> SimpleNamespace:
     return SimpleNamespace(
         SEED=7,
+        MODEL=SimpleNamespace(MASK_ON=False),
         SOLVER=SimpleNamespace(IMS_PER_BATCH=ims_per_batch),
         DATALOADER=SimpleNamespace(
             NUM_WORKERS=workers, ASPECT_RATIO_GROUPING=True, FILTER_EMPTY_ANNOTATIONS=True

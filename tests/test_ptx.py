@@ -230,7 +230,8 @@ def test_cli_build_of_shipped_configs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "sm_90" in proc.stdout and "batched_nms_rpn" in proc.stdout
     manifest = json.loads((out / "manifest.json").read_text())
-    specs = {"roi_align_v2_fp32", "roi_align_v2_fp16", "batched_nms_rpn", "batched_nms_head"}
+    specs = {"roi_align_v2_fp32", "roi_align_v2_fp16", "roi_align_v2_mask_fp32", "roi_align_v2_mask_fp16",
+             "batched_nms_rpn", "batched_nms_head"}
     assert {(e["spec"], e["arch"]) for e in manifest["kernels"]} == {(s, a) for s in specs for a in ARCHS}
     for e in manifest["kernels"]:
         assert (out / e["file"]).stat().st_size == e["bytes"]

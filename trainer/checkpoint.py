@@ -308,6 +308,13 @@ def _hints(report: LoadReport, file_keys: list[str], model_keys: list[str]) -> l
             n = file_shape[0] - 1
             hints.append(f"the checkpoint was trained for {n} classes; set MODEL.ROI_HEADS.NUM_CLASSES to {n} in "
                          "the config")
+    mask = "roi_heads.mask_head."
+    if report.missing and all(k.startswith(mask) for k in report.missing):
+        hints.append("the checkpoint has no mask head (a Faster R-CNN checkpoint); use it with a box config "
+                     "(MODEL.MASK_ON False) or load a Mask R-CNN checkpoint")
+    if report.unexpected and all(k.startswith(mask) for k in report.unexpected):
+        hints.append("the checkpoint is a Mask R-CNN; set MODEL.MASK_ON True (or use a COCO-InstanceSegmentation "
+                     "config) to run its masks")
     file_depth, model_depth = _resnet_depth(file_keys), _resnet_depth(model_keys)
     if file_depth and model_depth and file_depth != model_depth:
         hints.append(

@@ -113,6 +113,9 @@ def run_eval(args: argparse.Namespace) -> int:
     else:
         raise UserError("nothing to evaluate: pass --config CFG --weights W.pth, or a MODEL.onnx / .engine.")
     print(format_table(metrics, title=f"COCO bbox AP (%) of {source} on {args.data} [{args.split}]"))
+    if "segm/AP" in metrics:  # Mask R-CNN
+        segm = {k.removeprefix("segm/"): v for k, v in metrics.items() if k.startswith("segm/")}
+        print(format_table(segm, title=f"COCO segm AP (%) of {source} on {args.data} [{args.split}]"))
     if args.output:
         path = _write_metrics(args.output, metrics, {"model": source, "data": args.data, "split": args.split})
         print(f"wrote {path} and {os.path.join(args.output, 'coco_instances_results.json')}")

@@ -38,17 +38,18 @@ def evaluate_deployed(model_path: str, data_dir: str, split: str = "val", output
         records = dicts[start:start + batch_size]
         dets = detector([read_rgb(r["file_name"]) for r in records])
         evaluator.process([{"image_id": r["image_id"]} for r in records],
-                          [{"boxes": d.boxes, "scores": d.scores, "classes": d.classes} for d in dets])  # fmt: skip
+                          [{"boxes": d.boxes, "scores": d.scores, "classes": d.classes, "masks": d.masks}
+                           for d in dets])  # fmt: skip
     return evaluator.evaluate()
 
 
 def format_delta(deployed: dict[str, float], reference: dict[str, float]) -> str:
     """One line per main metric: deployed, PyTorch and the delta, in AP points (x100)."""
-    lines = [f"{'metric':>6} | {'deployed':>8} | {'pytorch':>8} | {'delta':>7}"]
-    for key in ("AP", "AP50", "AP75"):
+    lines = [f"{'metric':>9} | {'deployed':>8} | {'pytorch':>8} | {'delta':>7}"]
+    for key in ("AP", "AP50", "AP75", "segm/AP", "segm/AP50", "segm/AP75"):
         if key in deployed and key in reference:
             d, r = 100 * deployed[key], 100 * reference[key]
-            lines.append(f"{key:>6} | {d:>8.2f} | {r:>8.2f} | {d - r:>+7.2f}")
+            lines.append(f"{key:>9} | {d:>8.2f} | {r:>8.2f} | {d - r:>+7.2f}")
     return "\n".join(lines)
 
 
@@ -71,4 +72,6 @@ def run_deployed(args: Any, eval_checkpoint: Any, format_table: Any) -> dict[str
                                             f"[{args.split}]"))  # fmt: skip
         print(format_delta(metrics, reference))
         metrics = {**metrics, "delta_AP": metrics["AP"] - reference["AP"]}
+        if "segm/AP" in metrics and "segm/AP" in reference:
+            metrics["delta_segm/AP"] = metrics["segm/AP"] - reference["segm/AP"]
     return metrics

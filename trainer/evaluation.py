@@ -1,4 +1,4 @@
-"""COCO box evaluation (detectron2 ``COCOEvaluator`` for bbox): predictions -> results JSON + AP metrics.
+"""COCO evaluation (detectron2 ``COCOEvaluator``, bbox and segm): predictions -> results JSON + AP metrics.
 
 Usage (the detectron2 evaluator protocol)::
 
@@ -11,7 +11,8 @@ Usage (the detectron2 evaluator protocol)::
 A prediction is ``{"boxes": [N, 4] XYXY in ORIGINAL image pixels, "scores": [N], "classes": [N] contiguous
 ids}`` (numpy arrays or CPU/GPU tensors). Results are COCO ``[{"image_id", "category_id" (original COCO id),
 "bbox" [x, y, w, h], "score"}]`` (float32 ``w = x2 - x1`` like detectron2 ``instances_to_coco_json``),
-written atomically to ``output_dir/coco_instances_results.json``.
+written atomically to ``output_dir/coco_instances_results.json``. A prediction with ``masks`` (bool [N, H, W],
+original image) also gets ``"segmentation"`` (COCO RLE, pycocotools) and the metrics gain ``segm/AP`` etc.
 
 Metrics are computed by pycocotools ``COCOeval`` (never by hand) and reported as floats in **0..1**
 (detectron2 reports x100). A metric without any ground truth (e.g. APs when no small objects exist) is NaN,
@@ -68,10 +69,19 @@ def predictions_to_coco_results(
         )
     xywh = boxes.copy()
     xywh[:, 2:] = boxes[:, 2:] - boxes[:, :2]
-    return [
+    results = [
         {"image_id": int(image_id), "category_id": meta.to_dataset_id(int(c)), "bbox": b, "score": float(s)}
         for b, s, c in zip(xywh.tolist(), scores.tolist(), classes.tolist())
     ]
+    if prediction.get("masks") is not None:  # Mask R-CNN: bool [N, H, W] in the original image -> COCO RLE
+        from frcnn.runtime.masks import masks_to_rle
+
+        masks = _numpy(prediction["masks"])
+        if len(masks) != len(results):
+            raise ValueError(f"image {image_id}: {len(masks)} masks for {len(results)} boxes")
+        for result, rle in zip(results, masks_to_rle(masks)):
+            result["segmentation"] = rle
+    return results
 
 
 def _load_gt(json_file: str) -> COCO:
@@ -107,10 +117,18 @@ def _load_results(gt: COCO, results: list[dict[str, Any]]) -> COCO:
 
 
 def evaluate_predictions(
-    results: list[dict[str, Any]], meta: DatasetMeta, img_ids: Iterable[int], gt: COCO | None = None
+    results: list[dict[str, Any]], meta: DatasetMeta, img_ids: Iterable[int], gt: COCO | None = None,
+    iou_type: str = "bbox",
 ) -> dict[str, float]:
-    """COCOeval (bbox) of COCO results on ``img_ids`` -> {AP, AP50, AP75, APs, APm, APl, AP-<class>} in 0..1."""
+    """COCOeval (``iou_type`` "bbox" or "segm") of COCO results on ``img_ids`` -> {AP, AP50, AP75, APs, APm,
+    APl, AP-<class>} in 0..1. For "segm" the results' boxes are dropped (detectron2: mask area, not box area,
+    decides small / medium / large)."""
     gt = _load_gt(meta.json_file) if gt is None else gt
+    if iou_type == "segm":
+        if any("segmentation" not in a for a in gt.dataset["annotations"]):
+            raise UserError(f"{meta.json_file} has annotations without 'segmentation': segm AP needs the "
+                            "instance masks of every object; evaluate boxes only or use a dataset with masks.")
+        results = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
     img_ids = sorted({int(i) for i in img_ids})
     unknown = [i for i in img_ids if i not in gt.imgs]
     if unknown:
@@ -119,7 +137,7 @@ def evaluate_predictions(
             "with the annotation file the images came from."
         )
     dt = _load_results(gt, results)
-    coco_eval = COCOeval(gt, dt, "bbox")
+    coco_eval = COCOeval(gt, dt, iou_type)
     coco_eval.params.imgIds = img_ids
     summary = io.StringIO()
     with contextlib.redirect_stdout(summary):
@@ -127,7 +145,8 @@ def evaluate_predictions(
         coco_eval.accumulate()
         coco_eval.summarize()
     logger.info(
-        "COCO bbox evaluation on %d images, %d detections:\n%s",
+        "COCO %s evaluation on %d images, %d detections:\n%s",
+        iou_type,
         len(img_ids),
         len(results),
         summary.getvalue(),
@@ -181,7 +200,11 @@ class COCOEvaluator:
             write_json_atomic(os.path.join(self.output_dir, "coco_instances_results.json"), self.results)
         if self._gt is None:
             self._gt = _load_gt(self.meta.json_file)
-        return evaluate_predictions(self.results, self.meta, self.img_ids, gt=self._gt)
+        metrics = evaluate_predictions(self.results, self.meta, self.img_ids, gt=self._gt)
+        if any("segmentation" in r for r in self.results):  # Mask R-CNN: segm metrics as "segm/<name>"
+            segm = evaluate_predictions(self.results, self.meta, self.img_ids, gt=self._gt, iou_type="segm")
+            metrics.update({f"segm/{k}": v for k, v in segm.items()})
+        return metrics
 
 
 def write_json_atomic(path: str, obj: Any) -> None:

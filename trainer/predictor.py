@@ -12,6 +12,7 @@ from os import PathLike
 import numpy as np
 import torch
 from frcnn.runtime.errors import CheckpointError
+from frcnn.runtime.masks import detector_postprocess_masks
 from frcnn.runtime.postprocess import detector_postprocess
 from frcnn.runtime.preprocess import batch_images, resize_image, resize_shortest_edge_size, validate_image
 
@@ -39,6 +40,8 @@ class Predictor:
     ``predictor.class_names``: the names of classes 0..K-1 stored in the checkpoint by ``frcnn train``
     (``class_names``), or None (detectron2 model-zoo files store none; their 80 classes are COCO's).
     A stored list whose length differs from MODEL.ROI_HEADS.NUM_CLASSES is refused (CheckpointError).
+    ``classes`` int64 [N], N <= TEST.DETECTIONS_PER_IMAGE; with MODEL.MASK_ON also ``masks`` bool [N, H, W]
+    (detectron2's ``paste_masks_in_image``, threshold 0.5, via frcnn.runtime.masks).
     """
 
     def __init__(self, cfg: CfgNode, weights: str | PathLike[str] | None = None, device: str = "cpu") -> None:
@@ -85,7 +88,11 @@ class Predictor:
                 out["boxes"][i, :n], out["scores"][i, :n], out["classes"][i, :n],
                 resized_hw=(int(sizes[i, 0]), int(sizes[i, 1])), original_hw=img.shape[:2],
             )
-            results.append({"boxes": boxes, "scores": scores, "classes": classes.astype(np.int64)})
+            result = {"boxes": boxes, "scores": scores, "classes": classes.astype(np.int64)}
+            if "masks" in out:
+                result["masks"] = detector_postprocess_masks(
+                    out["masks"][i, :n], out["boxes"][i, :n], (int(sizes[i, 0]), int(sizes[i, 1])), img.shape[:2])
+            results.append(result)
         return results
 
 

@@ -13,10 +13,11 @@ from collections.abc import Mapping
 from typing import Any, Self
 
 import numpy as np
-from frcnn.runtime.contract import INPUTS, MODEL_INPUTS, OUTPUTS
+from frcnn.runtime.contract import INPUTS, MASK_OUTPUTS, MODEL_INPUTS, OUTPUTS
 from frcnn.runtime.errors import UserError
 
-__all__ = ["INPUTS", "MODEL_INPUTS", "OUTPUTS", "Backend", "check_feed", "polygraphy_input_metadata"]
+__all__ = ["INPUTS", "MASK_OUTPUTS", "MODEL_INPUTS", "OUTPUTS", "Backend", "check_feed",
+           "polygraphy_input_metadata"]
 
 
 def polygraphy_input_metadata() -> Any:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from frcnn.runtime.backends.base import INPUTS, OUTPUTS, Backend
+from frcnn.runtime.backends.base import INPUTS, MASK_OUTPUTS, OUTPUTS, Backend
 from frcnn.runtime.errors import UserError
 
 _SHORT_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
@@ -89,12 +89,13 @@ class OnnxRuntimeBackend(Backend):
             raise UserError(_session_error(self.path, exc)) from None
         _check_signature(self.path, session)
         self.session = session
+        self.optional_outputs = [o.name for o in session.get_outputs() if o.name in MASK_OUTPUTS]
         self.metadata = dict(session.get_modelmeta().custom_metadata_map)
         self.max_batch = self._user_max_batch or _int_or_none(self.metadata.get("max_batch"))
         self.providers_used = session.get_providers()
 
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        names = list(OUTPUTS)
+        names = [*OUTPUTS, *self.optional_outputs]
         try:
             values = self.session.run(names, feed)
         except Exception as exc:  # noqa: BLE001 - ORT runtime failure: name the inputs
@@ -129,6 +130,7 @@ def _check_signature(path: str, session: Any) -> None:
     got_out = {o.name: o.type for o in session.get_outputs()}
     want_in = {k: ort_types[v] for k, v in INPUTS.items()}
     want_out = {k: ort_types[v] for k, v in OUTPUTS.items()}
-    if got_in != want_in or any(got_out.get(k) != v for k, v in want_out.items()):
+    optional = {k: ort_types[v] for k, v in MASK_OUTPUTS.items() if k in got_out}
+    if got_in != want_in or any(got_out.get(k) != v for k, v in {**want_out, **optional}.items()):
         raise UserError(f"{path} is not a frcnn detector: inputs {got_in}, outputs {got_out}; expected inputs "
                         f"{want_in} and outputs {want_out} (export with `frcnn export`)")

@@ -29,7 +29,7 @@ import threading
 from typing import Any
 
 import numpy as np
-from frcnn.runtime.backends.base import INPUTS, OUTPUTS, Backend
+from frcnn.runtime.backends.base import INPUTS, MASK_OUTPUTS, OUTPUTS, Backend
 from frcnn.runtime.engine_sidecar import check_engine_compat
 from frcnn.runtime.errors import UserError
 from frcnn.runtime.tensorrt_env import GpuInfo, import_tensorrt
@@ -91,12 +91,12 @@ class _Buffer:
 class _ThreadState:
     """Per-thread execution context, stream, buffers and (optionally) a captured CUDA graph."""
 
-    def __init__(self, engine: Any, cudart: Any) -> None:
+    def __init__(self, engine: Any, cudart: Any, output_names: list[str]) -> None:
         self.context = engine.create_execution_context()
         if self.context is None:
             raise UserError("TensorRT could not create an execution context (out of GPU memory?)")
         self.stream = _ok(cudart.cudaStreamCreate(), "cudaStreamCreate")
-        self.buffers = {name: _Buffer(cudart) for name in (*INPUTS, *OUTPUTS)}
+        self.buffers = {name: _Buffer(cudart) for name in (*INPUTS, *output_names)}
         self.graph_key: tuple[Any, ...] | None = None
         self.graph_exec: Any = None
 
@@ -144,6 +144,8 @@ class TensorRTBackend(Backend):
                             "or it uses a non-AOT plugin that must be loaded first; rebuild it with "
                             "`export-engine ... --engine`")
         self._runtime, self.engine = runtime, engine
+        io_names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
+        self.output_names = [*OUTPUTS, *(n for n in MASK_OUTPUTS if n in io_names)]  # + masks: Mask R-CNN
         self.metadata = {str(k): str(v) for k, v in sidecar.get("metadata", {}).items()}
         profile_max = sidecar.get("profile", {}).get("images", {}).get("max", [None])[0]
         self.max_batch = min(x for x in (self._user_max_batch, profile_max) if x) if profile_max else \
@@ -153,7 +155,7 @@ class TensorRTBackend(Backend):
         state = getattr(self._local, "state", None)
         if state is None:
             _ok(self._cudart.cudaSetDevice(self.device), "cudaSetDevice")
-            state = _ThreadState(self.engine, self._cudart)
+            state = _ThreadState(self.engine, self._cudart, self.output_names)
             self._local.state = state
             with self._lock:
                 self._states.append(state)
@@ -172,7 +174,7 @@ class TensorRTBackend(Backend):
             _ok(cudart.cudaMemcpyAsync(buf.device_ptr, buf.host_ptr, arr.nbytes, h2d, st.stream), "H2D copy")
             st.context.set_tensor_address(name, buf.device_ptr)
         shapes = {}
-        for name in OUTPUTS:
+        for name in self.output_names:
             shape = tuple(st.context.get_tensor_shape(name))
             dtype = trt.nptype(self.engine.get_tensor_dtype(name))
             st.buffers[name].ensure(max(1, int(np.prod(shape))) * np.dtype(dtype).itemsize)
@@ -184,7 +186,8 @@ class TensorRTBackend(Backend):
             buf = st.buffers[name]
             _ok(cudart.cudaMemcpyAsync(buf.host_ptr, buf.device_ptr, nbytes, d2h, st.stream), "D2H copy")
         _ok(cudart.cudaStreamSynchronize(st.stream), "cudaStreamSynchronize")
-        return {name: st.buffers[name].host_view(shape, dtype).astype(OUTPUTS[name], copy=True)
+        dtypes = {**OUTPUTS, **MASK_OUTPUTS}
+        return {name: st.buffers[name].host_view(shape, dtype).astype(dtypes[name], copy=True)
                 for name, (shape, dtype) in shapes.items()}  # fmt: skip
 
     def _execute(self, st: _ThreadState, key: tuple[Any, ...]) -> None:

@@ -1,16 +1,18 @@
 """check_supported: refuse every config setting that would change detectron2's semantics but is not built.
 
 The config accepts all of detectron2's keys (so detectron2's own YAML files load unchanged), but this product
-builds one network: detectron2's Faster R-CNN with a ResNet-FPN backbone (Base-RCNN-FPN). A setting that
-selects something else (a mask head, GN, deformable convs, another anchor generator, ...) must not be
+builds one network: detectron2's Faster R-CNN with a ResNet-FPN backbone (Base-RCNN-FPN), optionally with
+Mask R-CNN's mask head (MODEL.MASK_ON, inference and export). A setting that selects something else (a
+keypoint head, deformable convs, another anchor generator, ...) must not be
 silently ignored, so ``check_supported`` raises one ``ConfigError`` that lists every such setting, each with
 its key, its value and what to do.
 
 Keys that are accepted although nothing reads them, and why that is not "silently wrong":
-- ROI_MASK_HEAD.*, ROI_KEYPOINT_HEAD.*, SEM_SEG_HEAD.*, PANOPTIC_FPN.*, TEST.KEYPOINT_OKS_SIGMAS,
-  INPUT.MASK_FORMAT: detectron2 itself reads them only when MASK_ON / KEYPOINT_ON are True or
-  META_ARCHITECTURE is PanopticFPN, and those settings are rejected here. (Base-RCNN-FPN.yaml sets
-  ROI_MASK_HEAD.* even for box-only models; detectron2 ignores them just the same.)
+- ROI_MASK_HEAD.* with MASK_ON False: detectron2 reads them only when MASK_ON is True (Base-RCNN-FPN.yaml
+  sets them even for box-only models; detectron2 ignores them just the same). With MASK_ON True they are
+  checked; INPUT.MASK_FORMAT is read by mask training, which needs 'bitmask'.
+- ROI_KEYPOINT_HEAD.*, SEM_SEG_HEAD.*, PANOPTIC_FPN.*, TEST.KEYPOINT_OKS_SIGMAS: detectron2 itself reads
+  them only when KEYPOINT_ON is True or META_ARCHITECTURE is PanopticFPN, and those are rejected here.
 - RETINANET.*, ROI_BOX_CASCADE_HEAD.*: read only by the RetinaNet meta-architecture and the cascade ROI
   heads, both rejected here.
 - ROI_BOX_HEAD.CONV_DIM / NORM: used only by conv layers, and NUM_CONV must be 0.
@@ -53,6 +55,7 @@ def check_supported(cfg: CfgNode, training: bool = False) -> None:
     _check_backbone(cfg, problems)
     _check_rpn(cfg, problems)
     _check_box_head(cfg, problems)
+    _check_mask_head(cfg, problems)
     _check_input_and_test(cfg, problems)
     if training:
         _check_training(cfg, problems)
@@ -77,7 +80,7 @@ def _expect(problems: list[str], key: str, value: Any, allowed: tuple | list, wh
 def _check_meta(cfg: CfgNode, problems: list[str]) -> None:
     m = cfg.MODEL
     _expect(problems, "MODEL.META_ARCHITECTURE", m.META_ARCHITECTURE, ("GeneralizedRCNN",))
-    _expect(problems, "MODEL.MASK_ON", m.MASK_ON, (False,), "there is no mask head (box detection only)")
+    _expect(problems, "MODEL.MASK_ON", m.MASK_ON, (False, True))
     _expect(problems, "MODEL.KEYPOINT_ON", m.KEYPOINT_ON, (False,), "there is no keypoint head")
     _expect(problems, "MODEL.LOAD_PROPOSALS", m.LOAD_PROPOSALS, (False,), "proposals come from the RPN")
     _expect(problems, "MODEL.PROPOSAL_GENERATOR.NAME", m.PROPOSAL_GENERATOR.NAME, ("RPN",))
@@ -163,6 +166,19 @@ def _check_box_head(cfg: CfgNode, problems: list[str]) -> None:
         problems.append(f"MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS = {h.BBOX_REG_WEIGHTS!r}: 4 weights are needed")
 
 
+def _check_mask_head(cfg: CfgNode, problems: list[str]) -> None:
+    if not cfg.MODEL.MASK_ON:
+        return
+    h = cfg.MODEL.ROI_MASK_HEAD
+    _expect(problems, "MODEL.ROI_MASK_HEAD.NAME", h.NAME, ("MaskRCNNConvUpsampleHead",))
+    _expect(problems, "MODEL.ROI_MASK_HEAD.POOLER_TYPE", h.POOLER_TYPE, ("ROIAlignV2",))
+    _expect(problems, "MODEL.ROI_MASK_HEAD.NORM", h.NORM, ("",), "the mask head convs have no normalization")
+    if h.POOLER_RESOLUTION < 1 or h.POOLER_SAMPLING_RATIO < 0 or h.NUM_CONV < 0 or h.CONV_DIM < 1:
+        problems.append(f"MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION / POOLER_SAMPLING_RATIO / NUM_CONV / CONV_DIM = "
+                        f"{h.POOLER_RESOLUTION!r} / {h.POOLER_SAMPLING_RATIO!r} / {h.NUM_CONV!r} / {h.CONV_DIM!r}: "
+                        f"need >= 1 / >= 0 / >= 0 / >= 1")
+
+
 def _check_input_and_test(cfg: CfgNode, problems: list[str]) -> None:
     _expect(problems, "INPUT.FORMAT", cfg.INPUT.FORMAT, ("BGR", "RGB"))
     _expect(problems, "TEST.AUG.ENABLED", cfg.TEST.AUG.ENABLED, (False,), "test-time augmentation is not built")
@@ -176,6 +192,10 @@ def _check_input_and_test(cfg: CfgNode, problems: list[str]) -> None:
 
 def _check_training(cfg: CfgNode, problems: list[str]) -> None:
     """Training-only features that the trainer does not implement (relax here when it does)."""
+    if cfg.MODEL.MASK_ON:
+        _expect(problems, "INPUT.MASK_FORMAT", cfg.INPUT.MASK_FORMAT, ("bitmask",),
+                "mask targets are detectron2's bitmask ones (ROIAlign of the decoded mask); detectron2's "
+                "'polygon' targets rasterise polygons per box instead and are not built")
     _expect(problems, "INPUT.MIN_SIZE_TRAIN_SAMPLING", cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING, ("choice",))
     _expect(problems, "INPUT.RANDOM_FLIP", cfg.INPUT.RANDOM_FLIP, ("horizontal", "none"))
     _expect(problems, "INPUT.CROP.ENABLED", cfg.INPUT.CROP.ENABLED, (False,), "random crop is not built")

@@ -297,7 +297,13 @@ def _parse_annotation(
     if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:  # entirely outside the image
         stats.dropped_degenerate += 1
         return None
-    return {"bbox": clipped, "category_id": id_map[int(cat)], "iscrowd": int(iscrowd)}
+    out = {"bbox": clipped, "category_id": id_map[int(cat)], "iscrowd": int(iscrowd)}
+    if "segmentation" in ann and not iscrowd:  # instance masks (Mask R-CNN); crowd regions are never trained
+        from .masks import check_segmentation
+
+        check_segmentation(ann["segmentation"], int(record["height"]), int(record["width"]), where)
+        out["segmentation"] = ann["segmentation"]
+    return out
 
 
 def _check_files(records: list[dict[str, Any]], json_file: str, image_root: str) -> None:

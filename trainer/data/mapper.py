@@ -77,7 +77,8 @@ class DatasetMapper:
 
     Output keys: ``image`` uint8 Tensor[3, H, W] (BGR, resized), ``image_size`` (H, W), ``file_name``,
     ``image_id``, ``height``, ``width`` (original size, for scaling predictions back) and, when training,
-    ``gt_boxes`` float32 Tensor[M, 4] (XYXY, resized-image pixels) and ``gt_classes`` int64 Tensor[M].
+    ``gt_boxes`` float32 Tensor[M, 4] (XYXY, resized-image pixels) and ``gt_classes`` int64 Tensor[M]
+    (+ ``gt_masks`` bool Tensor[M, H, W] with ``mask_on``: :mod:`.masks`, resized NEAREST and flipped too).
     """
 
     def __init__(
@@ -89,8 +90,10 @@ class DatasetMapper:
         sample_style: str = "choice",
         random_flip: str = "horizontal",
         image_format: str = "BGR",
+        mask_on: bool = False,
     ) -> None:
         self.is_train = is_train
+        self.mask_on = bool(mask_on)
         self.min_size = (int(min_size),) if isinstance(min_size, int) else tuple(int(s) for s in min_size)
         self.max_size = int(max_size)
         self.sample_style = sample_style
@@ -120,6 +123,7 @@ class DatasetMapper:
                 sample_style=cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING,
                 random_flip=cfg.INPUT.RANDOM_FLIP,
                 image_format=cfg.INPUT.FORMAT,
+                mask_on=cfg.MODEL.MASK_ON,
             )
         return cls(
             False,
@@ -168,18 +172,36 @@ class DatasetMapper:
             "image_size": (nh, nw),
         }
         if self.is_train:
-            boxes, classes = self._targets(dataset_dict.get("annotations", []), (h, w), (nh, nw), flip)
+            annos = [a for a in dataset_dict.get("annotations", []) if a.get("iscrowd", 0) == 0]
+            boxes, classes, keep = self._targets(annos, (h, w), (nh, nw), flip)
             out["gt_boxes"], out["gt_classes"] = torch.from_numpy(boxes), torch.from_numpy(classes)
+            if self.mask_on:
+                out["gt_masks"] = self._masks([a for a, k in zip(annos, keep) if k], dataset_dict, (nh, nw), flip)
         return out
 
     @staticmethod
     def _targets(
-        annotations: list[dict[str, Any]], hw: tuple[int, int], new_hw: tuple[int, int], flip: str
-    ) -> tuple[np.ndarray, np.ndarray]:
-        annos = [a for a in annotations if a.get("iscrowd", 0) == 0]
+        annos: list[dict[str, Any]], hw: tuple[int, int], new_hw: tuple[int, int], flip: str
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if not annos:
-            return np.zeros((0, 4), np.float32), np.zeros((0,), np.int64)
+            return np.zeros((0, 4), np.float32), np.zeros((0,), np.int64), np.zeros((0,), bool)
         boxes = transform_boxes(np.stack([np.asarray(a["bbox"]) for a in annos]), hw, new_hw, flip)
         classes = np.array([a["category_id"] for a in annos], dtype=np.int64)
         keep = ((boxes[:, 2] - boxes[:, 0]) > 1e-5) & ((boxes[:, 3] - boxes[:, 1]) > 1e-5)
-        return boxes[keep], classes[keep]
+        return boxes[keep], classes[keep], keep
+
+    @staticmethod
+    def _masks(annos: list[dict[str, Any]], dataset_dict: dict[str, Any], new_hw: tuple[int, int],
+               flip: str) -> torch.Tensor:  # fmt: skip
+        """bool Tensor[M, new_h, new_w]: each annotation's segmentation decoded, resized and flipped."""
+        from .masks import segmentation_to_mask, transform_mask
+
+        h, w = int(dataset_dict["height"]), int(dataset_dict["width"])
+        masks = []
+        for a in annos:
+            if "segmentation" not in a:
+                raise UserError(f"image {dataset_dict['file_name']}: an annotation has no 'segmentation'; "
+                                "MODEL.MASK_ON training needs a mask for every non-crowd instance.")
+            masks.append(transform_mask(segmentation_to_mask(a["segmentation"], h, w), new_hw, flip))
+        out = np.stack(masks) if masks else np.zeros((0, *new_hw), bool)
+        return torch.from_numpy(out)

@@ -10,12 +10,12 @@ Each image: a low-frequency colour field + pixel noise + random lines and arcs (
 log-uniform in [8, 0.8 S] px (tiny to large: every FPN level P2..P6 gets objects), mildly stretched, filled
 with its own colour and a noise / stripe / checker texture, and may stick out of the image. Shapes are drawn
 roughly large-to-small (with jitter), so later shapes occlude earlier ones. The box of an annotation is the
-extent of the shape's *visible* pixels (COCO convention) and ``area`` their count; a shape with less than
-30 % of its pixels visible gets no annotation.
+extent of the shape's *visible* pixels (COCO convention), ``area`` their count and ``segmentation`` their
+exact mask (COCO RLE via pycocotools); a shape with less than 30 % of its pixels visible gets no annotation.
 
 Deterministic: image ``i`` is rendered from ``numpy.random.default_rng([seed, i])``; PNG and JSON bytes
-are identical for identical arguments. Needs numpy + Pillow only. Files are written to a temporary name and
-renamed; the annotation files are written last.
+are identical for identical arguments. Needs numpy, Pillow and pycocotools (masks). Files are written to a
+temporary name and renamed; the annotation files are written last.
 """
 
 from __future__ import annotations
@@ -159,10 +159,19 @@ def render_image(
         rows, cols = np.nonzero(vis.any(axis=1))[0], np.nonzero(vis.any(axis=0))[0]
         x, y = xs.start + int(cols[0]), ys.start + int(rows[0])
         bw, bh = int(cols[-1]) - int(cols[0]) + 1, int(rows[-1]) - int(rows[0]) + 1
-        annotations.append(
-            {"category": cls, "bbox": [float(x), float(y), float(bw), float(bh)], "area": float(count)}
-        )
+        annotations.append({"category": cls, "bbox": [float(x), float(y), float(bw), float(bh)],
+                            "area": float(count), "segmentation": _visible_rle(vis, ys, xs, size)})  # fmt: skip
     return np.clip(np.rint(img), 0, 255).astype(np.uint8), annotations
+
+
+def _visible_rle(vis: np.ndarray, ys: slice, xs: slice, size: int) -> dict[str, Any]:
+    """COCO RLE (pycocotools, counts as text) of exactly the shape's visible pixels in the S x S image."""
+    from pycocotools import mask as mask_util
+
+    full = np.zeros((size, size), dtype=np.uint8, order="F")
+    full[ys, xs] = vis
+    rle = mask_util.encode(full)
+    return {"size": [size, size], "counts": rle["counts"].decode("ascii")}
 
 
 def _write_atomic(path: str, data: bytes) -> None:
@@ -257,6 +266,7 @@ def synthesize_dataset(
         for a in annots:
             ann_id += 1
             ann = {"id": ann_id, "image_id": i + 1, "category_id": a["category"] + 1, "bbox": a["bbox"]}
+            ann["segmentation"] = a["segmentation"]
             splits[split]["annotations"].append({**ann, "area": a["area"], "iscrowd": 0})
     info = {"description": "frcnn synthetic shapes", "seed": seed, "size": size, "num_images": num_images}
     for split, content in splits.items():

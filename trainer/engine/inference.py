@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from frcnn.runtime.masks import detector_postprocess_masks
 from frcnn.runtime.postprocess import detector_postprocess
 from torch import nn
 
@@ -55,7 +56,11 @@ def predict_dataset(
                     resized_hw=tuple(d["image_size"]), original_hw=(d["height"], d["width"]),
                 )  # fmt: skip
                 record = {"image_id": d["image_id"], "file_name": d["file_name"]}
-                pairs.append((record, {"boxes": boxes, "scores": scores, "classes": classes.astype("int64")}))
+                prediction = {"boxes": boxes, "scores": scores, "classes": classes.astype("int64")}
+                if "masks" in out:  # Mask R-CNN: pasted in the original image like the Predictor
+                    prediction["masks"] = detector_postprocess_masks(
+                        out["masks"][i, :n], out["boxes"][i, :n], tuple(d["image_size"]), (d["height"], d["width"]))
+                pairs.append((record, prediction))
     finally:
         model.train(was_training)
     return pairs

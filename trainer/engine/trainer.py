@@ -56,7 +56,7 @@ def batch_to_inputs(
 
     H, W: the largest image height / width rounded up to a multiple of 32 (frcnn.runtime.preprocess
     ``batch_images`` in torch); the padded area is 0. targets[i]: ``{"boxes": float32 [G, 4] (resized-image
-    pixels), "classes": int64 [G]}`` from ``gt_boxes`` / ``gt_classes``.
+    pixels), "classes": int64 [G]}`` from ``gt_boxes`` / ``gt_classes`` (+ ``"masks"`` from ``gt_masks``).
     """
     if not batch:
         raise ValueError("an empty batch cannot be trained on.")
@@ -75,6 +75,9 @@ def batch_to_inputs(
         }
         for d in batch
     ]
+    for target, d in zip(targets, batch):
+        if "gt_masks" in d:  # Mask R-CNN: bool [G, h, w] in the image's own (unpadded) pixels
+            target["masks"] = d["gt_masks"].to(device=device)
     non_blocking = torch.device(device).type == "cuda"
     return images.to(device, non_blocking=non_blocking), sizes.to(device), targets
 

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .box_transform import Box2BoxTransform
 from .layers import Conv2d, ShapeSpec, c2_msra_fill, c2_xavier_fill, get_norm
+from .mask_head import MaskRCNNConvUpsampleHead, mask_rcnn_inference
 from .roi_losses import FastRCNNLossSettings, ROISamplingSettings, roi_head_losses
 from .rpn import clip_boxes
 
@@ -258,12 +259,14 @@ def fast_rcnn_inference(
 
 
 class StandardROIHeads(nn.Module):
-    """Box branch of detectron2's StandardROIHeads: pooler -> box_head -> box_predictor (no mask/keypoint).
+    """detectron2's StandardROIHeads: pooler -> box_head -> box_predictor, and with MASK_ON the mask branch
+    (mask_pooler on the final detections -> mask_head -> probabilities of the predicted class). No keypoints.
 
     Args:
         box_in_features: feature names pooled, e.g. ["p2", "p3", "p4", "p5"].
         box_pooler: ROIPooler; box_head: FastRCNNConvFCHead; box_predictor: FastRCNNOutputLayers.
         num_classes: K; sampling: how `losses` labels and samples proposals (ROISamplingSettings).
+        mask_in_features / mask_pooler / mask_head: the mask branch (None: box detection only).
     """
 
     def __init__(
@@ -275,12 +278,20 @@ class StandardROIHeads(nn.Module):
         box_predictor: FastRCNNOutputLayers,
         num_classes: int,
         sampling: ROISamplingSettings | None = None,
+        mask_in_features: list[str] | None = None,
+        mask_pooler: ROIPooler | None = None,
+        mask_head: MaskRCNNConvUpsampleHead | None = None,
     ) -> None:
         super().__init__()
         self.box_in_features = list(box_in_features)
         self.box_pooler = box_pooler
         self.box_head = box_head
         self.box_predictor = box_predictor
+        self.mask_on = mask_head is not None
+        if self.mask_on:
+            self.mask_in_features = list(mask_in_features or box_in_features)
+            self.mask_pooler = mask_pooler
+            self.mask_head = mask_head
         self.num_classes = int(num_classes)
         self.sampling = sampling or ROISamplingSettings()
 
@@ -308,16 +319,11 @@ class StandardROIHeads(nn.Module):
             raise ConfigError(
                 f"ROI head input features must share one channel count, got {sorted(channels)}."
             )
-        resolution = box.POOLER_RESOLUTION
-        pooler = ROIPooler(
-            output_size=resolution,
-            scales=[1.0 / int(input_shape[f].stride or 1) for f in in_features],
-            sampling_ratio=box.POOLER_SAMPLING_RATIO,
-        )
+        resolution, in_channels = box.POOLER_RESOLUTION, channels.pop()
+        scales = [1.0 / int(input_shape[f].stride or 1) for f in in_features]
+        pooler = ROIPooler(output_size=resolution, scales=scales, sampling_ratio=box.POOLER_SAMPLING_RATIO)
         box_head = FastRCNNConvFCHead(
-            **FastRCNNConvFCHead.from_config(
-                cfg, ShapeSpec(channels=channels.pop(), height=resolution, width=resolution)
-            )
+            **FastRCNNConvFCHead.from_config(cfg, ShapeSpec(channels=in_channels, height=resolution, width=resolution))
         )
         predictor = FastRCNNOutputLayers(**FastRCNNOutputLayers.from_config(cfg, box_head.output_dim))
         return {
@@ -333,6 +339,7 @@ class StandardROIHeads(nn.Module):
                 iou_labels=tuple(int(label) for label in heads.IOU_LABELS),
                 proposal_append_gt=bool(heads.PROPOSAL_APPEND_GT),
             ),
+            **(_mask_branch(cfg, in_features, scales, in_channels) if cfg.MODEL.MASK_ON else {}),
         }
 
     def box_predictions(self, features: dict[str, Tensor], boxes: Tensor) -> tuple[Tensor, Tensor]:
@@ -355,7 +362,7 @@ class StandardROIHeads(nn.Module):
         boxes = predictor.box2box_transform.apply_deltas(deltas.flatten(0, 1), proposals.flatten(0, 1))
         boxes = boxes.reshape(batch, num_rows, -1, 4)
         probs = F.softmax(logits, dim=-1)
-        return fast_rcnn_inference(
+        out = fast_rcnn_inference(
             boxes,
             probs,
             num_proposals,
@@ -364,6 +371,17 @@ class StandardROIHeads(nn.Module):
             predictor.test_nms_thresh,
             predictor.test_topk_per_image,
         )
+        if self.mask_on:
+            out["masks"] = self.mask_inference(features, out["boxes"], out["classes"])
+        return out
+
+    def mask_inference(self, features: dict[str, Tensor], boxes: Tensor, classes: Tensor) -> Tensor:
+        """boxes: Tensor[B, T, 4] final detections; classes: Tensor[B, T] (-1 padding) ->
+        mask probabilities Tensor[B, T, M, M] of each detection's class (0 on padding rows)."""
+        batch, num_rows = boxes.shape[0], boxes.shape[1]
+        pooled = self.mask_pooler([features[f] for f in self.mask_in_features], boxes)  # [B, T, C, S, S]
+        logits = self.mask_head(pooled.flatten(0, 1))
+        return mask_rcnn_inference(logits.reshape(batch, num_rows, *logits.shape[1:]), classes)
 
     def forward(
         self,
@@ -388,8 +406,22 @@ class StandardROIHeads(nn.Module):
         image_sizes: Tensor,
         targets: list[dict[str, Tensor]],
     ) -> dict[str, Tensor]:
-        """Label and sample the proposals against the targets, then {"loss_cls", "loss_box_reg"}."""
+        """Label and sample the proposals against the targets, then {"loss_cls", "loss_box_reg"} (+ "loss_mask")."""
         return roi_head_losses(self, features, proposals, num_proposals, image_sizes, targets)
+
+
+def _mask_branch(cfg, in_features: list[str], scales: list[float], channels: int) -> dict:
+    """mask_in_features / mask_pooler / mask_head of detectron2's ``StandardROIHeads._init_mask_head``."""
+    mask = cfg.MODEL.ROI_MASK_HEAD
+    if mask.POOLER_TYPE != "ROIAlignV2":
+        raise ConfigError(f"MODEL.ROI_MASK_HEAD.POOLER_TYPE {mask.POOLER_TYPE!r} is not supported; use 'ROIAlignV2'.")
+    if mask.NAME != "MaskRCNNConvUpsampleHead":
+        raise ConfigError(f"MODEL.ROI_MASK_HEAD.NAME {mask.NAME!r} is not supported; use 'MaskRCNNConvUpsampleHead'.")
+    res = mask.POOLER_RESOLUTION
+    pooler = ROIPooler(output_size=res, scales=scales, sampling_ratio=mask.POOLER_SAMPLING_RATIO)
+    shape = ShapeSpec(channels=channels, height=res, width=res)
+    head = MaskRCNNConvUpsampleHead(**MaskRCNNConvUpsampleHead.from_config(cfg, shape))
+    return {"mask_in_features": in_features, "mask_pooler": pooler, "mask_head": head}
 
 
 def build_roi_heads(cfg, input_shape: dict[str, ShapeSpec]) -> StandardROIHeads:

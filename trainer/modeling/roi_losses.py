@@ -73,11 +73,13 @@ class FastRCNNLossSettings:
 
 class SampledProposals(NamedTuple):
     """One image's training sample: boxes Tensor[R, 4], gt_classes Tensor[R] int64 in [0, K] (K =
-    background), gt_boxes Tensor[R, 4] (matched ground truth; the proposal itself when the image has none)."""
+    background), gt_boxes Tensor[R, 4] (matched ground truth; the proposal itself when the image has none),
+    gt_index Tensor[R] int64 (row of the matched ground truth; 0 when the image has none)."""
 
     boxes: Tensor
     gt_classes: Tensor
     gt_boxes: Tensor
+    gt_index: Tensor
 
 
 def _target_classes(
@@ -130,7 +132,7 @@ def label_and_sample_proposals(
             classes, settings.batch_size_per_image, settings.positive_fraction, num_classes
         )
         idx = torch.cat([fg_idx, bg_idx], dim=0)
-        samples.append(SampledProposals(boxes[idx], classes[idx], matched_boxes[idx]))
+        samples.append(SampledProposals(boxes[idx], classes[idx], matched_boxes[idx], matched_idxs[idx]))
     return samples
 
 
@@ -181,13 +183,14 @@ def roi_head_losses(
     image_sizes: Tensor,
     targets: Sequence[dict[str, Tensor]],
 ) -> dict[str, Tensor]:
-    """{"loss_cls", "loss_box_reg"} for the ROI heads in training mode. Takes the module because it runs its
+    """{"loss_cls", "loss_box_reg"} (+ "loss_mask" with MASK_ON, see mask_losses.py) for the ROI heads in
+    training mode. Takes the module because it runs its
     ``box_predictions`` on the sampled proposals; the settings are its ``sampling`` and its predictor's
     ``loss_settings``.
 
     features: name -> Tensor[B, C, H_l, W_l]; proposals: Tensor[B, P, 4] (rows >= num_proposals padding);
     num_proposals: Tensor[B]; image_sizes: Tensor[B, 2] (unused: proposals are already clipped, ground truth
-    is used as given); targets: per image {"boxes": [G, 4], "classes": [G]}.
+    is used as given); targets: per image {"boxes": [G, 4], "classes": [G]} (+ "masks" [G, H, W] with MASK_ON).
     """
     samples = label_and_sample_proposals(
         roi_heads.sampling, roi_heads.num_classes, proposals, num_proposals, targets
@@ -202,7 +205,7 @@ def roi_head_losses(
         counts, device=padded.device
     ).unsqueeze(1)
     predictor = roi_heads.box_predictor
-    return fast_rcnn_losses(
+    losses = fast_rcnn_losses(
         predictor.loss_settings,
         predictor.box2box_transform,
         predictor.num_classes,
@@ -212,3 +215,8 @@ def roi_head_losses(
         torch.cat([s.gt_classes for s in samples], dim=0),
         torch.cat([s.gt_boxes for s in samples], dim=0),
     )
+    if roi_heads.mask_on:
+        from .mask_losses import mask_targets_and_losses
+
+        losses.update(mask_targets_and_losses(roi_heads, features, samples, targets))
+    return losses
