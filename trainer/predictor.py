@@ -1,7 +1,7 @@
 """Predictor: one image in, detections in original-image pixels out (detectron2's DefaultPredictor).
 
-The pre- and post-processing are the runtime's NumPy functions (frcnn.runtime.preprocess / postprocess), so
-the PyTorch path and the deployed ONNX / TensorRT path resize, pad and rescale with the very same code.
+The pre- and post-processing are the runtime's (``Preprocessor``, ``postprocess_detections``), so the PyTorch
+path and the deployed ONNX / TensorRT path resize, pad and rescale with the very same code.
 """
 
 from __future__ import annotations
@@ -11,14 +11,12 @@ from os import PathLike
 
 import numpy as np
 import torch
-from frcnn.runtime.postprocess import detector_postprocess
-from frcnn.runtime.preprocess import batch_images, resize_image, resize_shortest_edge_size, validate_image
+from frcnn.runtime.postprocess import postprocess_detections
+from frcnn.runtime.preprocess import Preprocessor
 
 from .checkpoint import load_checkpoint_state, load_into_model
 from .config import CfgNode
 from .modeling import build_model
-
-Detections = dict[str, np.ndarray]
 
 
 class Predictor:
@@ -47,27 +45,16 @@ class Predictor:
         self.short_edge = int(cfg.INPUT.MIN_SIZE_TEST)
         self.max_size = int(cfg.INPUT.MAX_SIZE_TEST)
         self.model_format = str(cfg.INPUT.FORMAT)
+        self.preprocessor = Preprocessor(self.short_edge, self.max_size, "BGR", self.model_format)
 
-    def __call__(self, image: np.ndarray) -> Detections:
+    def __call__(self, image: np.ndarray) -> dict[str, np.ndarray]:
         return self.predict_batch([image])[0]
 
     @torch.inference_mode()
-    def predict_batch(self, images: Sequence[np.ndarray]) -> list[Detections]:
+    def predict_batch(self, images: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
         """Detect on several images at once (one padded batch); same results as one at a time."""
-        originals = [validate_image(img, input_format="BGR", model_format=self.model_format) for img in images]
-        resized = []
-        for img in originals:
-            newh, neww = resize_shortest_edge_size(img.shape[0], img.shape[1], self.short_edge, self.max_size)
-            resized.append(resize_image(img, newh, neww))
-        batch, sizes = batch_images(resized)
-        out = self.model(torch.from_numpy(batch).to(self.device), torch.from_numpy(sizes).to(self.device))
+        batch = self.preprocessor(list(images))
+        sizes = batch["image_sizes"]
+        out = self.model(torch.from_numpy(batch["images"]).to(self.device), torch.from_numpy(sizes).to(self.device))
         out = {k: v.cpu().numpy() for k, v in out.items()}
-        results = []
-        for i, img in enumerate(originals):
-            n = int(out["num_detections"][i])
-            boxes, scores, classes = detector_postprocess(
-                out["boxes"][i, :n], out["scores"][i, :n], out["classes"][i, :n],
-                resized_hw=(int(sizes[i, 0]), int(sizes[i, 1])), original_hw=img.shape[:2],
-            )
-            results.append({"boxes": boxes, "scores": scores, "classes": classes.astype(np.int64)})
-        return results
+        return [d.as_dict() for d in postprocess_detections(out, sizes, batch["original_sizes"])]
