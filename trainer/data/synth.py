@@ -165,10 +165,6 @@ def render_image(
     return np.clip(np.rint(img), 0, 255).astype(np.uint8), annotations
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    atomic_write(path, data)
-
-
 def _check_args(num_images: int, size: int, num_classes: int, val_fraction: float) -> None:
     if num_images < 1:
         raise UserError(f"--images must be >= 1, got {num_images}.")
@@ -261,7 +257,7 @@ def synthesize_dataset(
     info = {"description": "frcnn synthetic shapes", "seed": seed, "size": size, "num_images": num_images}
     for split, content in splits.items():
         doc = {"info": info, "licenses": [], **content, "categories": categories}
-        _write_atomic(
+        atomic_write(
             os.path.join(out_dir, "annotations", f"instances_{split}.json"),
             json.dumps(doc, separators=(",", ":")).encode(),
         )

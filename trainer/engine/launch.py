@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from frcnn.runtime.errors import CheckpointError, ConfigError, UserError
+from frcnn.runtime.fileio import atomic_write
 from frcnn.trainer.data import load_dataset
 
 from .comm import barrier, get_rank, get_world_size, is_main_process
@@ -42,7 +43,6 @@ from .hooks import (
     ProgressBar,
     find_last_checkpoint,
     set_rng_state,
-    write_text_atomic,
 )
 from .resume import resumable_train_loader
 from .solver import build_lr_scheduler, build_optimizer
@@ -140,7 +140,7 @@ def train(
                               f"{cfg.MODEL.ROI_HEADS.NUM_CLASSES}; set it to {meta.num_classes}.")  # fmt: skip
         if is_main_process():
             os.makedirs(output_dir, exist_ok=True)
-            write_text_atomic(os.path.join(output_dir, "config.yaml"), cfg.dump())
+            atomic_write(os.path.join(output_dir, "config.yaml"), cfg.dump(), fsync=True)
         barrier()
         checkpoint = find_last_checkpoint(output_dir) if resume else None
         if resume and checkpoint is None and is_main_process():
