@@ -15,13 +15,13 @@ its time between the nodes inlined from each custom op's local function and the 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -116,7 +116,7 @@ def _torch_op(node, feeds: dict[str, np.ndarray]):
     return lambda: batched_nms(*args, attrs["iou_threshold"], attrs["score_threshold"], attrs["max_output"])
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml")
     p.add_argument("--height", type=int, default=800)
@@ -126,11 +126,43 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--hot-classes", type=int, default=5)
     p.add_argument("--json", default="bench/results/ort_vs_torch.json")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def _time_batch(model: Any, session: Any, onnx_path: str, images: np.ndarray, sizes: np.ndarray,
+                args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
+    """One row: PyTorch and ORT median seconds on one batch, and the custom ops' share of the ORT time."""
+    feeds = {"images": images, "image_sizes": sizes}
+    timg, tsizes = torch.from_numpy(images), torch.from_numpy(sizes)
+
+    def run_torch() -> Any:
+        with torch.no_grad():
+            return model(timg, tsizes)
+
+    torch_s = _median_seconds(run_torch, args.iters)
+    ort_s = _median_seconds(lambda: session.run(None, feeds), args.iters)
+    custom = custom_op_seconds(onnx_path, feeds, args.threads, args.iters)
+    return {"batch": len(images), "input": list(images.shape), "torch_s": torch_s, "ort_s": ort_s,
+            "ratio_ort_over_torch": ort_s / torch_s, "ort_custom_op_s": custom,
+            "ort_custom_op_share": {k: v / ort_s for k, v in custom.items() if "[torch op]" not in k}}
+
+
+def _print_rows(rows: list[dict[str, Any]]) -> None:
+    print(f"{'batch':>5} {'input':>18} {'torch s':>9} {'ORT s':>9} {'ORT/torch':>10}  custom-op share of ORT")
+    for r in rows:
+        share = ", ".join(f"{k} {v:.1%} ({r['ort_custom_op_s'][k]:.3f} s; torch op "
+                          f"{r['ort_custom_op_s'][k + ' [torch op]']:.3f} s)" for k, v in r["ort_custom_op_share"].items())
+        print(f"{r['batch']:>5} {'x'.join(map(str, r['input'])):>18} {r['torch_s']:>9.2f} {r['ort_s']:>9.2f} "
+              f"{r['ratio_ort_over_torch']:>10.2f}  {share}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
     torch.set_num_threads(args.threads)
 
     import onnxruntime as ort
     from frcnn.export.cli import main as export_main
+    from frcnn.runtime.fileio import atomic_write_json
     from frcnn.runtime.preprocess import batch_images
     from frcnn.trainer.checkpoint import save_checkpoint
 
@@ -151,33 +183,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for b in args.batches:
         imgs = [rng.integers(0, 256, (args.height, args.width, 3), dtype=np.uint8) for _ in range(b)]
-        images, sizes = batch_images(imgs)
-        feeds = {"images": images, "image_sizes": sizes}
-        timg, tsizes = torch.from_numpy(images), torch.from_numpy(sizes)
-
-        def run_torch(timg=timg, tsizes=tsizes):
-            with torch.no_grad():
-                return model(timg, tsizes)
-
-        torch_s = _median_seconds(run_torch, args.iters)
-        ort_s = _median_seconds(lambda f=feeds: session.run(None, f), args.iters)
-        custom = custom_op_seconds(str(folder / "model.onnx"), feeds, args.threads, args.iters)
-        rows.append({"batch": b, "input": list(images.shape), "torch_s": torch_s, "ort_s": ort_s,
-                     "ratio_ort_over_torch": ort_s / torch_s, "ort_custom_op_s": custom,
-                     "ort_custom_op_share": {k: v / ort_s for k, v in custom.items() if "[torch op]" not in k}})
+        rows.append(_time_batch(model, session, str(folder / "model.onnx"), *batch_images(imgs), args))
     result = {"config": args.config, "threads": args.threads, "export_seconds": export_seconds,
               "onnx_bytes": (folder / "model.onnx").stat().st_size, "torch": torch.__version__,
               "onnxruntime": ort.__version__, "cpu_count": os.cpu_count(),
               "load_average": os.getloadavg(), "rows": rows}
     print(f"\nexport-engine ({args.config}, CLI end to end): {export_seconds:.1f} s")
-    print(f"{'batch':>5} {'input':>18} {'torch s':>9} {'ORT s':>9} {'ORT/torch':>10}  custom-op share of ORT")
-    for r in rows:
-        share = ", ".join(f"{k} {v:.1%} ({r['ort_custom_op_s'][k]:.3f} s; torch op "
-                          f"{r['ort_custom_op_s'][k + ' [torch op]']:.3f} s)" for k, v in r["ort_custom_op_share"].items())
-        print(f"{r['batch']:>5} {'x'.join(map(str, r['input'])):>18} {r['torch_s']:>9.2f} {r['ort_s']:>9.2f} "
-              f"{r['ratio_ort_over_torch']:>10.2f}  {share}")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2))
+    _print_rows(rows)
+    atomic_write_json(args.json, result, indent=2)
     print(f"wrote {args.json}")
     return 0
 

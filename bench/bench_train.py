@@ -31,10 +31,6 @@ import torch
 from frcnn.runtime.fileio import atomic_write_json
 
 
-def _write_json(path: str, record: dict[str, Any]) -> None:
-    atomic_write_json(path, record, indent=2)
-
-
 def _machine(threads: int) -> dict[str, Any]:
     return {"torch": torch.__version__, "threads": threads, "cpu_count": os.cpu_count(),
             "cpu": platform.processor() or platform.machine(),
@@ -162,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     record = run_small(args) if args.mode == "small" else run_r50(args)
     record["machine"] = _machine(args.threads)
     path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"train_{args.mode}.json")
-    _write_json(path, record)
+    atomic_write_json(path, record, indent=2)
     _print_table(record)
     print(f"wrote {path}")
     return 0

@@ -134,13 +134,13 @@ def build_engine(onnx_path: str | os.PathLike[str], engine_path: str | os.PathLi
         raise UserError(f"TensorRT could not build an engine from {onnx_path} (see the TensorRT log above); "
                         "check the profile shapes and the workspace limit")
     if cache_path is not None:
-        _atomic_write(cache_path, bytes(config.get_timing_cache().serialize()))
+        atomic_write(cache_path, bytes(config.get_timing_cache().serialize()))
     engine = Path(engine_path)
     data = bytes(serialized)
-    _atomic_write(engine, data)
+    atomic_write(engine, data)
     sidecar = make_sidecar(data, trt.__version__, gpu, profile, fp16, _metadata(model),
                            frcnn_trt.aot_records(), onnx_sha256=file_sha256(Path(onnx_path)))
-    _atomic_write(sidecar_path(engine), json.dumps(sidecar, indent=2).encode())
+    atomic_write(sidecar_path(engine), json.dumps(sidecar, indent=2).encode())
     return EngineInfo(engine, sidecar_path(engine), trt.__version__, gpu.name, gpu.cc_string(), fp16, profile,
                       sidecar)
 
@@ -201,8 +201,6 @@ def _metadata(model: Any) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    atomic_write(path, data)
 
 
 __all__ = [

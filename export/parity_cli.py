@@ -25,7 +25,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from frcnn.runtime.contract import MIN_PADDED_SIDE
 from frcnn.runtime.contract import OUTPUT_NAMES as RAW_OUTPUTS
 from frcnn.runtime.errors import UserError
 from frcnn.runtime.tolerances import PARITY_BOX_ATOL, PARITY_MIN_IOU, PARITY_SCORE_ATOL
@@ -112,20 +111,15 @@ def class_count_problems(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray
 
 def load_feeds(images_dir: str, backend: Any, batch: int, limit: int | None) -> list[dict[str, np.ndarray]]:
     """Pre-processed batches of the images in ``images_dir`` (resize rule from the deployed model)."""
-    from frcnn.runtime.detector import pad_to_min_side, parse_metadata
+    from frcnn.runtime.detector import model_feed, parse_metadata
     from frcnn.runtime.image_io import read_rgb
     from frcnn.runtime.infer_cli import collect_images
-    from frcnn.runtime.preprocess import Preprocessor
 
     files = collect_images([images_dir])[:limit]
     info = parse_metadata(backend.metadata, backend.path)
-    pre = Preprocessor(info.short_edge, info.max_size, "RGB", info.channel_order, info.size_divisibility)
-    feeds = []
-    for start in range(0, len(files), batch):
-        out = pre([read_rgb(f) for f in files[start:start + batch]])
-        feeds.append({"images": pad_to_min_side(out["images"], MIN_PADDED_SIDE, info.size_divisibility),
-                      "image_sizes": out["image_sizes"]})  # fmt: skip
-    return feeds
+    pre = info.preprocessor("RGB")
+    return [model_feed(pre([read_rgb(f) for f in files[start:start + batch]]), info.size_divisibility)
+            for start in range(0, len(files), batch)]  # fmt: skip
 
 
 def _load_torch_model(weights: str, config: str | None, opts: Sequence[str]) -> Any:

@@ -19,18 +19,21 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
-from frcnn.runtime.contract import MIN_PADDED_SIDE
+
+if TYPE_CHECKING:
+    from frcnn.runtime.detector import ModelInfo
 
 
-def _resize_rule() -> tuple[int, int, str, int]:
-    """(short edge, max size, channel order, size divisibility) from FRCNN_MODEL's metadata, else defaults."""
-    from frcnn.runtime.detector import parse_metadata
+def _model_info() -> ModelInfo:
+    """The resize rule, channel order and size divisibility from FRCNN_MODEL's metadata, else defaults."""
+    from frcnn.runtime.detector import ModelInfo, parse_metadata
 
     model = os.environ.get("FRCNN_MODEL")
     if not model:
-        return 800, 1333, "BGR", 32
+        return ModelInfo(class_names=[], short_edge=800, max_size=1333, channel_order="BGR", size_divisibility=32)
     if model.endswith((".engine", ".plan")):
         from frcnn.export.engine import read_sidecar
 
@@ -39,8 +42,7 @@ def _resize_rule() -> tuple[int, int, str, int]:
         import onnx
 
         metadata = {p.key: p.value for p in onnx.load(model, load_external_data=False).metadata_props}
-    info = parse_metadata(metadata, model)
-    return info.short_edge, info.max_size, info.channel_order, info.size_divisibility
+    return parse_metadata(metadata, model)
 
 
 def _images() -> list[np.ndarray]:
@@ -58,16 +60,14 @@ def _images() -> list[np.ndarray]:
 
 def load_data() -> Iterator[dict[str, np.ndarray]]:
     """Yield the feeds (see the module docstring)."""
-    from frcnn.runtime.detector import pad_to_min_side
-    from frcnn.runtime.preprocess import Preprocessor
+    from frcnn.runtime.detector import model_feed
 
-    short, max_size, order, div = _resize_rule()
-    pre = Preprocessor(short, max_size, input_format="RGB", model_format=order, size_divisibility=div)
+    info = _model_info()
+    pre = info.preprocessor("RGB")
     images = _images()
     batch = max(1, int(os.environ.get("FRCNN_BATCH", "1")))
     for start in range(0, len(images), batch):
-        out = pre(images[start:start + batch])
-        yield {"images": pad_to_min_side(out["images"], MIN_PADDED_SIDE, div), "image_sizes": out["image_sizes"]}
+        yield model_feed(pre(images[start:start + batch]), info.size_divisibility)
 
 
 if __name__ == "__main__":  # a quick look at what polygraphy would be fed

@@ -61,7 +61,7 @@ def build(archs: list[int], output: Path, cache_dir: Path | None = None, ptx_ver
             res = ptxmod.compile_ptx(spec, arch, cache_dir=cache_dir, ptx_version=version)
             fname = f"{spec.name}.sm_{arch}.ptx"
             data = res.ptx.encode()
-            _atomic_write(output / fname, data)
+            atomic_write(output / fname, data)
             entries.append({
                 "spec": spec.name, "module": spec.module, "kernel_name": res.kernel_name, "arch": arch,
                 "file": fname, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
@@ -71,12 +71,8 @@ def build(archs: list[int], output: Path, cache_dir: Path | None = None, ptx_ver
                 "ptx_version": res.ptx_version, "cache_hit": res.cache_hit,
             })
     manifest = {"triton_version": triton.__version__, "archs": archs, "kernels": entries}
-    _atomic_write(output / "manifest.json", json.dumps(manifest, indent=2).encode())
+    atomic_write(output / "manifest.json", json.dumps(manifest, indent=2).encode())
     return manifest
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    atomic_write(path, data)
 
 
 def _print_table(manifest: dict) -> None:

@@ -174,10 +174,6 @@ def cache_key(spec: KernelSpec, arch: int, ptx_version: int = DEFAULT_PTX_VERSIO
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    atomic_write(path, text)
-
-
 def _triton_compile(spec: KernelSpec, arch: int, ptx_version: int) -> tuple[str, str, int, dict]:
     """(ptx, kernel name, shared memory bytes, launch fields) from Triton; UserError for an unsafe kernel."""
     import triton
@@ -226,8 +222,8 @@ def compile_ptx(
     else:
         ptx, name, shared, fields = _triton_compile(spec, arch, ptx_version)
         meta = {"kernel_name": name, "shared_mem": shared, "launch": fields}
-        _atomic_write(ptx_path, ptx)
-        _atomic_write(meta_path, json.dumps(meta))  # written last: its presence marks a complete entry
+        atomic_write(ptx_path, ptx)
+        atomic_write(meta_path, json.dumps(meta))  # written last: its presence marks a complete entry
         hit = False
     entry = re.search(r"\.entry\s+\w+\s*\((.*?)\)", ptx, flags=re.DOTALL)
     params = len(re.findall(r"\.param\s", entry.group(1))) if entry else 0

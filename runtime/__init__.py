@@ -10,8 +10,12 @@ __all__ = ["Detections", "Detector"]
 
 def __getattr__(name: str) -> Any:
     """``from frcnn.runtime import Detector`` without importing onnxruntime until it is used."""
-    if name in __all__:
-        from frcnn.runtime import detector
+    if name == "Detections":
+        from frcnn.runtime.detections import Detections
 
-        return getattr(detector, name)
+        return Detections
+    if name == "Detector":
+        from frcnn.runtime.detector import Detector
+
+        return Detector
     raise AttributeError(f"module 'frcnn.runtime' has no attribute {name!r}")

@@ -21,47 +21,23 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Self
 
 import numpy as np
 from frcnn.runtime.backends import create_backend
 from frcnn.runtime.backends.base import Backend
-from frcnn.runtime.contract import MASK_OUTPUTS, MIN_PADDED_SIDE
+from frcnn.runtime.contract import MIN_PADDED_SIDE
+from frcnn.runtime.detections import Detections
 from frcnn.runtime.errors import UserError
-from frcnn.runtime.masks import detector_postprocess_masks
-from frcnn.runtime.postprocess import postprocess_batch
+from frcnn.runtime.postprocess import postprocess_detections
 from frcnn.runtime.preprocess import Preprocessor
 from frcnn.runtime.shape_buckets import pad_to_bucket, resolve_sides
 
 #: ONNX batches are split to this size when neither the model nor the caller gives a max batch.
 DEFAULT_ONNX_MAX_BATCH = 8
 REQUIRED_METADATA = ("class_names", "resize", "input_format", "size_divisibility")
-
-
-@dataclass
-class Detections:
-    """Detections of one image, in original-image pixels.
-
-    boxes: float32 [N, 4] (x1, y1, x2, y2); scores: float32 [N] (descending); classes: int64 [N]
-    (indices into ``class_names``); class_names: the model's class names (all of them, not per box);
-    masks: bool [N, H, W] instance masks in the original image (Mask R-CNN models; None for box models),
-    ``frcnn.runtime.masks.masks_to_rle`` encodes them for COCO results.
-    """
-
-    boxes: np.ndarray
-    scores: np.ndarray
-    classes: np.ndarray
-    class_names: list[str]
-    masks: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return len(self.scores)
-
-    def labels(self) -> list[str]:
-        """Class name of every detection."""
-        return [self.class_names[int(c)] for c in self.classes]
 
 
 @dataclass(frozen=True)
@@ -73,6 +49,11 @@ class ModelInfo:
     max_size: int
     channel_order: str
     size_divisibility: int
+
+    def preprocessor(self, input_format: str = "BGR") -> Preprocessor:
+        """The model's test-time pre-processing for images in ``input_format`` channel order."""
+        return Preprocessor(self.short_edge, self.max_size, input_format=input_format,
+                            model_format=self.channel_order, size_divisibility=self.size_divisibility)  # fmt: skip
 
 
 def parse_metadata(metadata: dict[str, str], source: str) -> ModelInfo:
@@ -131,9 +112,7 @@ class Detector:
         self.info = parse_metadata(self.backend.metadata, self.path)
         self.class_names = self.info.class_names
         self.max_batch = int(max_batch or self.backend.max_batch or DEFAULT_ONNX_MAX_BATCH)
-        self.preprocessor = Preprocessor(self.info.short_edge, self.info.max_size, input_format=input_format,
-                                         model_format=self.info.channel_order,
-                                         size_divisibility=self.info.size_divisibility)  # fmt: skip
+        self.preprocessor = self.info.preprocessor(input_format)
         self.shape_sides = resolve_sides(shape_buckets, self.info.short_edge, self.info.max_size,
                                          self.info.size_divisibility)
 
@@ -166,22 +145,15 @@ class Detector:
         if len(images) == 0:
             raise UserError("no images given: pass at least one image")
         batch = self.preprocessor(list(images), first_index, total)
-        padded = pad_to_min_side(batch["images"], MIN_PADDED_SIDE, self.info.size_divisibility)
+        feed = model_feed(batch, self.info.size_divisibility)
         if self.shape_sides:
-            padded = pad_to_bucket(padded, self.shape_sides)
-        return {"images": padded, "image_sizes": batch["image_sizes"]}, batch["original_sizes"]
+            feed["images"] = pad_to_bucket(feed["images"], self.shape_sides)
+        return feed, batch["original_sizes"]
 
     def postprocess(self, outputs: dict[str, np.ndarray], image_sizes: np.ndarray,
                     original_sizes: np.ndarray) -> list[Detections]:  # fmt: skip
         """Padded model outputs -> per-image Detections in original pixels (with masks when the model has them)."""
-        results = [Detections(b, s, c, self.class_names)
-                   for b, s, c in postprocess_batch(outputs, image_sizes, original_sizes)]  # fmt: skip
-        for name in MASK_OUTPUTS.keys() & outputs.keys():
-            for i, det in enumerate(results):
-                n = int(outputs["num_detections"][i])
-                det.masks = detector_postprocess_masks(outputs[name][i, :n], outputs["boxes"][i, :n],
-                                                       image_sizes[i], original_sizes[i])  # fmt: skip
-        return results
+        return postprocess_detections(outputs, image_sizes, original_sizes, self.class_names)
 
     def close(self) -> None:
         """Free the backend (the Detector cannot be used afterwards; closing twice is harmless)."""
@@ -201,6 +173,13 @@ def _check_max_batch(max_batch: Any) -> None:
         return
     if isinstance(max_batch, (bool, np.bool_)) or not isinstance(max_batch, (int, np.integer)) or max_batch < 1:
         raise UserError(f"max_batch must be a whole number >= 1 (or None for the model's own), got {max_batch!r}")
+
+
+def model_feed(batch: Mapping[str, np.ndarray], size_divisibility: int) -> dict[str, np.ndarray]:
+    """A :class:`Preprocessor` batch -> the model's feed: ``images`` uint8 [B, 3, H, W] zero-padded up to
+    :data:`~frcnn.runtime.contract.MIN_PADDED_SIDE`, ``image_sizes`` int32 [B, 2] unchanged."""
+    return {"images": pad_to_min_side(batch["images"], MIN_PADDED_SIDE, size_divisibility),
+            "image_sizes": batch["image_sizes"]}  # fmt: skip
 
 
 def pad_to_min_side(images: np.ndarray, min_side: int, divisibility: int) -> np.ndarray:

@@ -115,9 +115,9 @@ def atomic_writer(path: str | os.PathLike[str], mode: str = "wb", fsync: bool = 
         raise
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> None:
-    """Write bytes or text to ``path`` atomically."""
-    with atomic_writer(path, "wb" if isinstance(data, bytes) else "w") as f:
+def atomic_write(path: str | os.PathLike[str], data: bytes | str, fsync: bool = False) -> None:
+    """Write bytes or text to ``path`` atomically (``fsync``: flushed to disk before the rename)."""
+    with atomic_writer(path, "wb" if isinstance(data, bytes) else "w", fsync=fsync) as f:
         f.write(data)
 
 

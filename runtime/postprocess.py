@@ -3,7 +3,9 @@
 The model (and the exported engine) returns fixed-size, padded detections in resized-image pixels:
 ``num_detections [B]``, ``boxes [B, K, 4]``, ``scores [B, K]``, ``classes [B, K]``. ``unpad`` keeps the valid
 rows of one image and ``detector_postprocess`` maps them to the original image as detectron2's
-``detector_postprocess`` does: scale, clip to the output image, drop empty boxes.
+``detector_postprocess`` does: scale, clip to the output image, drop empty boxes. ``postprocess_batch``
+does both for a batch (plain arrays); ``postprocess_detections`` wraps them as
+:class:`~frcnn.runtime.detections.Detections`, the one result type of the Detector and the Predictor.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from frcnn.runtime.detections import Detections
 from frcnn.runtime.errors import UserError
 
-Detections = tuple[np.ndarray, np.ndarray, np.ndarray]
+BoxesScoresClasses = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
-def unpad(num: int, boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray) -> Detections:
+def unpad(num: int, boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray) -> BoxesScoresClasses:
     """Valid rows of one image's padded outputs.
 
     Args:
@@ -46,7 +49,7 @@ def detector_postprocess(
     classes: np.ndarray,
     resized_hw: Sequence[int],
     original_hw: Sequence[int],
-) -> Detections:
+) -> BoxesScoresClasses:
     """Scale detections from the resized image to the original one, clip, drop empty boxes.
 
     detectron2 ``detector_postprocess`` semantics: ``scale_x = out_w / resized_w``, ``scale_y = out_h /
@@ -80,7 +83,7 @@ def detector_postprocess(
 
 def postprocess_batch(
     outputs: Mapping[str, np.ndarray], image_sizes: np.ndarray, original_sizes: np.ndarray
-) -> list[Detections]:
+) -> list[BoxesScoresClasses]:
     """``unpad`` + ``detector_postprocess`` for every image of a batch.
 
     Args:
@@ -95,4 +98,25 @@ def postprocess_batch(
             outputs["num_detections"][i], outputs["boxes"][i], outputs["scores"][i], outputs["classes"][i]
         )
         results.append(detector_postprocess(*dets, image_sizes[i], original_sizes[i]))
+    return results
+
+
+def postprocess_detections(
+    outputs: Mapping[str, np.ndarray],
+    image_sizes: np.ndarray,
+    original_sizes: np.ndarray,
+    class_names: Sequence[str] = (),
+) -> list[Detections]:
+    """:func:`postprocess_batch` as one :class:`Detections` per image (``class_names`` attached to each); with
+    a ``masks`` output (Mask R-CNN) each image's masks are pasted into it (:mod:`frcnn.runtime.masks`)."""
+    from frcnn.runtime.contract import MASK_OUTPUTS
+    from frcnn.runtime.masks import detector_postprocess_masks  # imports this module: imported here
+
+    names = list(class_names)
+    results = [Detections(b, s, c, names) for b, s, c in postprocess_batch(outputs, image_sizes, original_sizes)]
+    for name in MASK_OUTPUTS.keys() & outputs.keys():
+        for i, det in enumerate(results):
+            n = int(outputs["num_detections"][i])
+            det.masks = detector_postprocess_masks(outputs[name][i, :n], outputs["boxes"][i, :n],
+                                                   image_sizes[i], original_sizes[i])  # fmt: skip
     return results

@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from frcnn.plugins import onnx_registry as reg
-from frcnn.plugins.batched_nms import onnx_op
+from frcnn.plugins.batched_nms import float32_at_most, onnx_op
 from onnx import TensorProto, helper
 
 F32 = np.float32
@@ -127,7 +127,7 @@ def test_equal_scores_keep_the_lower_index_and_groups_do_not_interact() -> None:
 
 def test_iou_threshold_compared_like_torchvision_double() -> None:
     """IoU exactly float32(0.3) > 0.3 (double): suppressed, although float32(0.3) > float32(0.3) is false."""
-    assert onnx_op.iou_attribute(0.3) < F32(0.3) and onnx_op.iou_attribute(0.5) == 0.5
+    assert float32_at_most(0.3) < F32(0.3) and float32_at_most(0.5) == 0.5
     # box b: 10 x h2 inside box a (10 x 10): IoU = h2 / 10; pick h2 so that the float32 IoU is float32(0.3)
     boxes = np.array([[[0, 0, 10, 10], [0, 0, 10, 3]]], F32)
     iou = F32(30) / F32(F32(100 + 30) - F32(30))

@@ -197,7 +197,7 @@ class COCOEvaluator:
         if not self.img_ids:
             raise UserError("no image was processed: the evaluation dataset is empty.")
         if self.output_dir is not None:
-            write_json_atomic(os.path.join(self.output_dir, "coco_instances_results.json"), self.results)
+            atomic_write_json(os.path.join(self.output_dir, "coco_instances_results.json"), self.results)
         if self._gt is None:
             self._gt = _load_gt(self.meta.json_file)
         metrics = evaluate_predictions(self.results, self.meta, self.img_ids, gt=self._gt)
@@ -206,7 +206,3 @@ class COCOEvaluator:
             metrics.update({f"segm/{k}": v for k, v in segm.items()})
         return metrics
 
-
-def write_json_atomic(path: str, obj: Any) -> None:
-    """Write JSON to ``path`` through a temporary file + rename (never a partial file)."""
-    atomic_write_json(path, obj)

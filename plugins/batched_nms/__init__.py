@@ -3,7 +3,8 @@
 Contract (docs/ops.md has the full text):
 
 - inputs: ``boxes`` [B, N, 4] float (x1, y1, x2, y2), ``scores`` [B, N] float, ``groups`` [B, N] int32.
-- attributes: ``iou_threshold`` (suppress when IoU > threshold, strictly), ``score_threshold`` (a candidate
+- attributes: ``iou_threshold`` (suppress when IoU > threshold, strictly; every face compares the float32
+  IoU with :func:`float32_at_most` of it, which equals torchvision's float32-vs-double comparison), ``score_threshold`` (a candidate
   needs score > threshold), ``max_output`` K, and the optional ``max_candidates`` (int >= 1, default
   :data:`DEFAULT_MAX_CANDIDATES` = 4096): the GPU kernel's candidate cap.
 - outputs: ``num`` [B] int32 (kept boxes per image, <= K), ``indices`` [B, K] int32 into N, sorted by score
@@ -18,6 +19,8 @@ Contract (docs/ops.md has the full text):
   candidates with score > score_threshold number at most ``max_candidates`` (and more generally whenever
   K boxes are kept among the top C). Beyond that it keeps the top-C candidates and drops the rest.
 """
+
+import struct
 
 OP_NAME = "BatchedNMS"
 TORCH_OP = "frcnn::batched_nms"
@@ -37,4 +40,20 @@ def kernel_candidate_cap(max_candidates: int) -> int:
     return max(KERNEL_MIN_CANDIDATES, 1 << (int(max_candidates) - 1).bit_length())
 
 
-__all__ = ["DEFAULT_MAX_CANDIDATES", "KERNEL_MIN_CANDIDATES", "OP_NAME", "TORCH_OP", "kernel_candidate_cap"]
+def float32_at_most(value: float) -> float:
+    """Largest float32 <= ``value`` (0.3 -> 0.29999998, 0.5 -> 0.5).
+
+    torchvision compares the float32 IoU with a *double* threshold; ONNX, TensorRT and the Triton kernel
+    compare in float32. ``iou > float32_at_most(t)`` in float32 equals ``double(iou) > t`` for every float32
+    ``iou`` (whereas float32(0.3) = 0.30000001 would keep an IoU of exactly that value).
+    """
+    bits = struct.unpack("<i", struct.pack("<f", value))[0]
+    f = struct.unpack("<f", struct.pack("<i", bits))[0]
+    if f > value:  # rounded up: step one float32 towards -inf
+        bits += -1 if bits >= 0 else 1  # sign-magnitude: negative floats grow in magnitude
+        f = struct.unpack("<f", struct.pack("<i", bits))[0]
+    return f
+
+
+__all__ = ["DEFAULT_MAX_CANDIDATES", "KERNEL_MIN_CANDIDATES", "OP_NAME", "TORCH_OP", "float32_at_most",
+           "kernel_candidate_cap"]  # fmt: skip

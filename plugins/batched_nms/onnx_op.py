@@ -21,7 +21,7 @@ How the body reproduces torchvision ``batched_nms`` exactly with ONNX's NonMaxSu
   asc) and ``M - rank`` is strictly decreasing (exact in float32 for M < 2**24), so the result does not
   depend on the provider's tie order.
 - Thresholds: torchvision compares the float32 IoU with a *double* threshold, ONNX in float32; the
-  exporter hooks and ``make_node`` store ``iou_attribute(t)`` (largest float32 <= t), which makes the
+  exporter hooks and ``make_node`` store ``float32_at_most(t)`` (largest float32 <= t), which makes the
   two comparisons agree for every IoU. Scores are compared in float32 on both sides (torch casts the
   Python scalar to the tensor's dtype).
 - IoU: ONNX Runtime computes ``inter / (area1 + area2 - inter)`` with ``inter = (min(x2) - max(x1)) *
@@ -46,10 +46,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import onnx
 from frcnn.plugins import DOMAIN, PLUGIN_VERSION
-from frcnn.plugins.batched_nms import DEFAULT_MAX_CANDIDATES, OP_NAME, TORCH_OP
+from frcnn.plugins.batched_nms import DEFAULT_MAX_CANDIDATES, OP_NAME, TORCH_OP, float32_at_most
 from frcnn.plugins.onnx_registry import (
     PLUGIN_ATTRIBUTES,
     FunctionBuilder,
@@ -63,19 +62,6 @@ from onnx import TensorProto, defs, helper
 _ATTRIBUTES: dict[str, Any] = {"iou_threshold": None, "score_threshold": None, "max_output": None,
                                "max_candidates": DEFAULT_MAX_CANDIDATES}
 """Function attributes and their defaults (None: required)."""
-
-
-def iou_attribute(iou_threshold: float) -> float:
-    """The float32 ``iou_threshold`` attribute for a (double) threshold: the largest float32 <= it.
-
-    torchvision compares the float32 IoU with a double threshold; ONNX (and TensorRT) compare in
-    float32. ``iou > t`` (double) equals ``iou > iou_attribute(t)`` (float32) for every float32 ``iou``
-    (e.g. 0.3 -> 0.29999998, not float32(0.3) = 0.30000001 which keeps an IoU of exactly that value).
-    """
-    value = np.float32(iou_threshold)
-    if float(value) > iou_threshold:
-        value = np.nextafter(value, np.float32(-np.inf))
-    return float(value)
 
 
 def _infer(ctx: Any) -> None:
@@ -196,12 +182,12 @@ def _check_max_candidates(max_candidates: int) -> int:
 def make_node(boxes: str, scores: str, groups: str, outputs: tuple[str, str], iou_threshold: float,
               score_threshold: float, max_output: int, name: str | None = None,
               max_candidates: int = DEFAULT_MAX_CANDIDATES) -> onnx.NodeProto:
-    """A ``frcnn::BatchedNMS`` node (plugin attributes set; iou via ``iou_attribute``); ``outputs`` =
+    """A ``frcnn::BatchedNMS`` node (plugin attributes set; iou via ``float32_at_most``); ``outputs`` =
     (num, indices). ``score_threshold`` is compared in float32, as torch compares a tensor with a scalar.
     ``max_candidates`` (>= 1) is always written, so the TensorRT plugin (which has no attribute defaults)
     receives it."""
     return helper.make_node(OP_NAME, [boxes, scores, groups], list(outputs), name=name, domain=DOMAIN,
-                            iou_threshold=iou_attribute(iou_threshold), score_threshold=float(score_threshold),
+                            iou_threshold=float32_at_most(iou_threshold), score_threshold=float(score_threshold),
                             max_output=int(max_output), max_candidates=_check_max_candidates(max_candidates),
                             **PLUGIN_ATTRIBUTES)
 
@@ -218,7 +204,7 @@ def translation_entry() -> dict[Any, Any]:
                     max_output: int, max_candidates: int = DEFAULT_MAX_CANDIDATES) -> Any:
         """boxes [B, N, 4], scores [B, N], groups [B, N] int32 -> one frcnn::BatchedNMS node."""
         return frcnn_opset.BatchedNMS(
-            boxes, scores, groups, iou_threshold=iou_attribute(iou_threshold),
+            boxes, scores, groups, iou_threshold=float32_at_most(iou_threshold),
             score_threshold=float(score_threshold), max_output=int(max_output),
             max_candidates=_check_max_candidates(max_candidates), _num_outputs=2, **PLUGIN_ATTRIBUTES)
 
@@ -234,7 +220,7 @@ def torchscript_symbolic() -> tuple[str, Any]:
     def symbolic(g: Any, boxes: Any, scores: Any, groups: Any, iou_threshold: float,
                  score_threshold: float, max_output: int, max_candidates: int) -> Any:
         num, indices = g.op(f"{DOMAIN}::{OP_NAME}", boxes, scores, groups, outputs=2,
-                            iou_threshold_f=iou_attribute(iou_threshold),
+                            iou_threshold_f=float32_at_most(iou_threshold),
                             score_threshold_f=score_threshold,
                             max_output_i=max_output,
                             max_candidates_i=_check_max_candidates(max_candidates),
@@ -253,7 +239,6 @@ __all__ = [
     "PLUGIN_VERSION",
     "TORCH_OP",
     "function_proto",
-    "iou_attribute",
     "make_node",
     "schema",
     "torchscript_symbolic",

@@ -20,23 +20,14 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
-from frcnn.plugins.batched_nms import DEFAULT_MAX_CANDIDATES, TORCH_OP
+from frcnn.plugins.batched_nms import DEFAULT_MAX_CANDIDATES, TORCH_OP, float32_at_most
 from torch import Tensor
 
 __all__ = ["CHUNK", "batched_nms"]
 
 CHUNK = 256
 """Candidates resolved together; bounds the working set to CHUNK x max(CHUNK, max_output)."""
-
-
-def _threshold_below(value: float) -> float:
-    """Largest float32 <= value, so that ``x > result`` (float32) equals ``double(x) > value`` exactly."""
-    t = np.float32(value)
-    if float(t) > value:
-        t = np.nextafter(t, np.float32(-np.inf))
-    return float(t)
 
 
 def _iou(a: Tensor, area_a: Tensor, b: Tensor, area_b: Tensor) -> Tensor:
@@ -81,7 +72,7 @@ def _nms_one(
     cand = boxes[order].float()
     area = (cand[:, 2] - cand[:, 0]) * (cand[:, 3] - cand[:, 1])
     group = groups[order]
-    thr = _threshold_below(iou_threshold)
+    thr = float32_at_most(iou_threshold)
     kept: list[Tensor] = []
     num_kept = 0
     kept_pos = order[:0]

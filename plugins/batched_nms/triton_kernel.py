@@ -27,10 +27,9 @@ Kernel arguments follow TensorRT's AOT plugin convention ``(inputs..., int32 ext
 
 from __future__ import annotations
 
-import struct
-
 import triton
 import triton.language as tl
+from frcnn.plugins.batched_nms import float32_at_most
 
 __all__ = [
     "MAX_CANDIDATES",
@@ -39,7 +38,6 @@ __all__ = [
     "batched_nms_kernel",
     "batched_nms_triton",
     "constexprs",
-    "float32_at_most",
     "launch_grid",
     "signature",
 ]
@@ -197,16 +195,6 @@ def signature(boxes_dtype: str = "fp32", scores_dtype: str = "fp32") -> dict[str
         "boxes_ptr": f"*{boxes_dtype}", "scores_ptr": f"*{scores_dtype}", "groups_ptr": "*i32",
         "num_candidates": "i32", "num_ptr": "*i32", "indices_ptr": "*i32",
     }
-
-
-def float32_at_most(value: float) -> float:
-    """Largest float32 <= value: ``iou > it`` in float32 equals torchvision's ``double(iou) > value``."""
-    bits = struct.unpack("<i", struct.pack("<f", value))[0]
-    f = struct.unpack("<f", struct.pack("<i", bits))[0]
-    if f > value:  # rounded up: step one float32 towards -inf
-        bits += -1 if bits >= 0 else 1  # sign-magnitude: negative floats grow in magnitude
-        f = struct.unpack("<f", struct.pack("<i", bits))[0]
-    return f
 
 
 def constexprs(

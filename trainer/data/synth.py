@@ -174,10 +174,6 @@ def _visible_rle(vis: np.ndarray, ys: slice, xs: slice, size: int) -> dict[str, 
     return {"size": [size, size], "counts": rle["counts"].decode("ascii")}
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    atomic_write(path, data)
-
-
 def _check_args(num_images: int, size: int, num_classes: int, val_fraction: float) -> None:
     if num_images < 1:
         raise UserError(f"--images must be >= 1, got {num_images}.")
@@ -271,7 +267,7 @@ def synthesize_dataset(
     info = {"description": "frcnn synthetic shapes", "seed": seed, "size": size, "num_images": num_images}
     for split, content in splits.items():
         doc = {"info": info, "licenses": [], **content, "categories": categories}
-        _write_atomic(
+        atomic_write(
             os.path.join(out_dir, "annotations", f"instances_{split}.json"),
             json.dumps(doc, separators=(",", ":")).encode(),
         )

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from frcnn.runtime.fileio import atomic_writer
+from frcnn.runtime.fileio import atomic_write
 from frcnn.trainer.checkpoint import save_checkpoint
 
 from .comm import all_gather_object, is_main_process
@@ -45,18 +45,11 @@ __all__ = [
     "find_last_checkpoint",
     "get_rng_state",
     "set_rng_state",
-    "write_text_atomic",
 ]
 
 logger = logging.getLogger(__name__)
 LAST_CHECKPOINT = "last_checkpoint"
 _PERIODIC = re.compile(r"^model_(\d{7})\.pth$")
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file + ``os.replace`` (never a partial file)."""
-    with atomic_writer(path, "w", fsync=True) as f:
-        f.write(text)
 
 
 # ---------------------------------------------------------------------------------------------- RNG state
@@ -134,7 +127,7 @@ class PeriodicCheckpointer:
         path = os.path.join(self.output_dir, name)
         save_checkpoint(path, unwrap_model(trainer.model), **trainer.state_dict(), iteration=trainer.iter,
                         rng=rng, world_size=len(rng), **self.extra)  # fmt: skip
-        write_text_atomic(os.path.join(self.output_dir, LAST_CHECKPOINT), name + "\n")
+        atomic_write(os.path.join(self.output_dir, LAST_CHECKPOINT), name + "\n", fsync=True)
         logger.info("saved checkpoint %s (iteration %d)", path, trainer.iter)
 
     def _prune(self) -> None:
@@ -170,7 +163,7 @@ class MetricsWriter:
             lines = [line for line in f if line.strip()]
         kept = [line for line in lines if json.loads(line).get("iteration", -1) < start_iter]
         if len(kept) != len(lines):
-            write_text_atomic(self.json_path, "".join(kept))
+            atomic_write(self.json_path, "".join(kept), fsync=True)
 
     def after_step(self, trainer: Trainer) -> None:
         self._times.append(trainer.metrics.get("time", 0.0))

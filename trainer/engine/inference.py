@@ -2,7 +2,7 @@
 
 Each rank runs the model on its shard of the split (``build_test_loader``: test-time resize from
 INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST, the same code as the Predictor and the runtime), scales detections to the
-original image size with ``frcnn.runtime.postprocess.detector_postprocess``; rank 0 gathers the
+original image size with ``frcnn.runtime.postprocess.postprocess_detections``; rank 0 gathers the
 predictions and computes COCO AP with pycocotools (``COCOEvaluator``).
 """
 
@@ -13,9 +13,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
-from frcnn.runtime.masks import detector_postprocess_masks
-from frcnn.runtime.postprocess import detector_postprocess
+from frcnn.runtime.postprocess import postprocess_detections
 from torch import nn
 
 from .comm import all_gather_object, get_rank, get_world_size, is_main_process
@@ -49,18 +49,10 @@ def predict_dataset(
                 d.setdefault("gt_classes", torch.zeros((0,), dtype=torch.int64))
             images, sizes, _ = batch_to_inputs(batch, device)
             out = {k: v.cpu().numpy() for k, v in model(images, sizes).items()}
-            for i, d in enumerate(batch):
-                n = int(out["num_detections"][i])
-                boxes, scores, classes = detector_postprocess(
-                    out["boxes"][i, :n], out["scores"][i, :n], out["classes"][i, :n],
-                    resized_hw=tuple(d["image_size"]), original_hw=(d["height"], d["width"]),
-                )  # fmt: skip
-                record = {"image_id": d["image_id"], "file_name": d["file_name"]}
-                prediction = {"boxes": boxes, "scores": scores, "classes": classes.astype("int64")}
-                if "masks" in out:  # Mask R-CNN: pasted in the original image like the Predictor
-                    prediction["masks"] = detector_postprocess_masks(
-                        out["masks"][i, :n], out["boxes"][i, :n], tuple(d["image_size"]), (d["height"], d["width"]))
-                pairs.append((record, prediction))
+            resized = np.array([d["image_size"] for d in batch], dtype=np.int64).reshape(-1, 2)
+            original = np.array([(d["height"], d["width"]) for d in batch], dtype=np.int64).reshape(-1, 2)
+            for d, dets in zip(batch, postprocess_detections(out, resized, original), strict=True):
+                pairs.append(({"image_id": d["image_id"], "file_name": d["file_name"]}, dets.as_dict()))
     finally:
         model.train(was_training)
     return pairs

@@ -56,22 +56,9 @@ class FPN(Backbone):
     ) -> None:
         super().__init__()
         input_shapes = bottom_up.output_shape()
-        missing = [f for f in in_features if f not in input_shapes]
-        if missing or not in_features:
-            raise ConfigError(
-                f"MODEL.FPN.IN_FEATURES {list(in_features)} must be a non-empty subset of the bottom-up "
-                f"outputs {list(input_shapes)}; add the missing ones {missing} to MODEL.RESNETS.OUT_FEATURES."
-            )
-        if fuse_type not in ("sum", "avg"):
-            raise ConfigError(f"MODEL.FPN.FUSE_TYPE {fuse_type!r} is not supported; use 'sum' or 'avg'.")
+        _check_fpn_inputs(input_shapes, in_features, fuse_type)
         strides = [int(input_shapes[f].stride or 0) for f in in_features]
         in_channels_per_feature = [int(input_shapes[f].channels or 0) for f in in_features]
-        for s0, s1 in itertools.pairwise(strides):
-            if s1 != 2 * s0:
-                raise ConfigError(
-                    f"MODEL.FPN.IN_FEATURES {list(in_features)} have strides {strides}; they must be "
-                    "consecutive powers of two in increasing order (e.g. res2, res3, res4, res5)."
-                )
         use_bias = norm == ""
         lateral_convs, output_convs = [], []
         for in_channels, stride in zip(in_channels_per_feature, strides):
@@ -135,6 +122,26 @@ class FPN(Backbone):
                 top_in = results[self._out_features.index(self.top_block.in_feature)]
             results.extend(self.top_block(top_in))
         return dict(zip(self._out_features, results))
+
+
+def _check_fpn_inputs(input_shapes: dict[str, ShapeSpec], in_features: Sequence[str], fuse_type: str) -> None:
+    """ConfigError unless ``in_features`` are bottom-up outputs with strides doubling level by level and
+    ``fuse_type`` is "sum" or "avg"."""
+    missing = [f for f in in_features if f not in input_shapes]
+    if missing or not in_features:
+        raise ConfigError(
+            f"MODEL.FPN.IN_FEATURES {list(in_features)} must be a non-empty subset of the bottom-up "
+            f"outputs {list(input_shapes)}; add the missing ones {missing} to MODEL.RESNETS.OUT_FEATURES."
+        )
+    if fuse_type not in ("sum", "avg"):
+        raise ConfigError(f"MODEL.FPN.FUSE_TYPE {fuse_type!r} is not supported; use 'sum' or 'avg'.")
+    strides = [int(input_shapes[f].stride or 0) for f in in_features]
+    for s0, s1 in itertools.pairwise(strides):
+        if s1 != 2 * s0:
+            raise ConfigError(
+                f"MODEL.FPN.IN_FEATURES {list(in_features)} have strides {strides}; they must be "
+                "consecutive powers of two in increasing order (e.g. res2, res3, res4, res5)."
+            )
 
 
 def build_resnet_fpn_backbone(cfg: Any, input_shape: ShapeSpec) -> FPN:
