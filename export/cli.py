@@ -51,6 +51,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                             help=f"{text} padded input size of the engine profile (multiples of 32)")
     parser.add_argument("--engine", help="also build this TensorRT engine (needs TensorRT >= 10.9 and a GPU)")
     parser.add_argument("--fp16", action="store_true", help="fp16 engine (with --engine)")
+    from frcnn.export.quantize_cli import add_int8_arguments
+
+    add_int8_arguments(parser)
     parser.set_defaults(func=run)
     return parser
 
@@ -186,6 +189,9 @@ def run(args: argparse.Namespace) -> int:
     onnx_export.check_writable(output)
     if args.engine:
         onnx_export.check_writable(args.engine)
+    from frcnn.export import quantize_cli
+
+    quantize_cli.check_int8_arguments(args, output)
 
     from frcnn.trainer.checkpoint import load_checkpoint_state, load_into_model
     from frcnn.trainer.modeling import build_model
@@ -202,6 +208,7 @@ def run(args: argparse.Namespace) -> int:
 
     info = onnx_export.describe(onnx.load(str(path), load_external_data=False))
     print(summary(info, path, time.perf_counter() - start, source))
+    path = quantize_cli.run_int8(args, path)
     if args.engine:
         return _build_engine(args, path, sizes)
     print(f"next: run it with ONNX Runtime (`frcnn infer {path} IMAGE`), or build a TensorRT engine on a GPU "

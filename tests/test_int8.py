@@ -1,0 +1,213 @@
+"""INT8 by explicit Q/DQ (export/quantize.py) on the tiny parity model (tests/export_utils.py).
+
+The Q/DQ graph is checked against TensorRT's explicit-quantization rules, written out here independently of
+``frcnn.export.qdq_rules`` (int8 only, zero points 0, per-channel weights on the output-channel axis,
+per-tensor activations, no Q/DQ feeding the ``frcnn`` nodes); its detections are compared with the fp32
+model's on ONNX Runtime; bad input fails with one UserError before any work and leaves no file.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from export_utils import batch, exported, textured
+from frcnn.runtime.errors import UserError
+from onnx import numpy_helper
+from PIL import Image
+
+QUANT_SCOPES = ("backbone/", "rpn/rpn_head/", "roi_heads/box_head/")
+FP32_SCOPES = ("preprocess", "rpn/anchors", "rpn/topk", "rpn/decode", "rpn/clip", "rpn/select",
+               "roi_heads/decode", "roi_heads/clip", "roi_heads/softmax", "roi_heads/postprocess")  # fmt: skip
+
+
+def _write_images(folder: Path, shapes: list[tuple[int, int]], seed: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, img in enumerate(textured(shapes, seed)):
+        Image.fromarray(np.ascontiguousarray(img[:, :, ::-1])).save(folder / f"img_{k:02d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(fp32 ONNX, int8 ONNX) of the tiny model, calibrated on the first 3 of 4 textured images."""
+    from frcnn.export import quantize_onnx
+
+    ex = exported()
+    assert ex.path.is_file(), ex.stderr
+    folder = tmp_path_factory.mktemp("int8")
+    fp32 = folder / "model.onnx"
+    shutil.copy(ex.path, fp32)
+    calib = _write_images(folder / "calib", [(288, 352), (320, 320), (352, 288), (256, 320)], seed=21)
+    int8 = quantize_onnx(fp32, calib, calib_count=3, method="minmax")
+    assert int8 == folder / "model.int8.onnx"
+    return fp32, int8
+
+
+def _graph(model: onnx.ModelProto) -> tuple[dict, dict, dict]:
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    return inits, producer, consumers
+
+
+def test_int8_graph_follows_tensorrt_qdq_rules(quantized: tuple[Path, Path]) -> None:
+    from frcnn.plugins import onnx_registry
+
+    fp32, int8 = onnx.load(str(quantized[0])), onnx.load(str(quantized[1]))
+    onnx_registry.register_schemas()
+    onnx.checker.check_model(int8, full_check=True)
+    inits, producer, _ = _graph(int8)
+    qdq = [n for n in int8.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert len(qdq) > 50
+    for n in qdq:
+        zp = inits[n.input[2]]
+        assert zp.dtype == np.int8 and not zp.any(), n.name  # symmetric int8: zero point 0, never uint8/int32
+        assert inits[n.input[1]].dtype == np.float32 and (inits[n.input[1]] > 0).all(), n.name
+        if n.op_type == "QuantizeLinear":  # activations: one scale per tensor
+            assert inits[n.input[1]].ndim == 0, n.name
+    weight_dqs = 0
+    for n in int8.graph.node:
+        if n.op_type not in ("Conv", "Gemm") or n.input[1] not in producer:
+            continue
+        dq = producer[n.input[1]]
+        assert dq.op_type == "DequantizeLinear" and dq.input[0] in inits, n.name
+        w, scale = inits[dq.input[0]], inits[dq.input[1]]
+        axis = {a.name: a.i for a in dq.attribute}.get("axis", 1)
+        transb = {a.name: a.i for a in n.attribute}.get("transB", 0)
+        out_axis = 0 if n.op_type == "Conv" or transb else 1
+        assert w.dtype == np.int8 and axis == out_axis and scale.shape == (w.shape[out_axis],), n.name
+        weight_dqs += 1
+    assert weight_dqs >= 40
+    for n in int8.graph.node:
+        if n.domain == "frcnn":  # the custom nodes read fp32 tensors, never a DequantizeLinear output
+            assert all(producer.get(i) is None or producer[i].op_type != "DequantizeLinear" for i in n.input), n.name
+    # the ONNX Runtime / TensorRT contract of the fp32 file is kept
+    assert [(i.name, i.type) for i in int8.graph.input] == [(i.name, i.type) for i in fp32.graph.input]
+    assert [(o.name, o.type) for o in int8.graph.output] == [(o.name, o.type) for o in fp32.graph.output]
+    assert sorted(f.name for f in int8.functions) == ["BatchedNMS", "ROIAlignV2"]
+    assert [f.SerializeToString() for f in int8.functions] == [f.SerializeToString() for f in fp32.functions]
+    meta32 = {p.key: p.value for p in fp32.metadata_props}
+    meta8 = {p.key: p.value for p in int8.metadata_props}
+    assert meta8.pop("precision") == "int8"
+    assert json.loads(meta8.pop("int8_calibration"))["images"] == 3
+    assert meta8 == meta32
+
+
+def test_int8_quantizes_the_heavy_layers_and_keeps_box_arithmetic_fp32(quantized: tuple[Path, Path]) -> None:
+    int8 = onnx.load(str(quantized[1]))
+    _, producer, _ = _graph(int8)
+
+    def reads_dq(node: onnx.NodeProto) -> bool:
+        return any(producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for i in node.input)
+
+    heavy = [n for n in int8.graph.node if n.op_type in ("Conv", "Gemm") and n.name.startswith(QUANT_SCOPES)]
+    assert len(heavy) >= 40 and all(reads_dq(n) for n in heavy), [n.name for n in heavy if not reads_dq(n)]
+    residual = [n for n in int8.graph.node if n.op_type == "Add" and n.name.startswith("backbone/bottom_up/res")]
+    assert residual and all(reads_dq(n) for n in residual)  # residual adds in int8, as TensorRT fuses them
+    fp32_nodes = [n for n in int8.graph.node if n.name.startswith(FP32_SCOPES)]
+    assert fp32_nodes and not any(reads_dq(n) for n in fp32_nodes)
+    assert not any(n.op_type == "Mul" and "/norm/" in n.name for n in int8.graph.node)  # BN folded into convs
+
+
+def _detections(path: Path, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(boxes, scores, classes) of the valid rows per image, the batch fed to ONNX Runtime as is."""
+    import onnxruntime as ort
+
+    images_, sizes = batch(images)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    num, boxes, scores, classes = sess.run(["num_detections", "boxes", "scores", "classes"],
+                                           {"images": images_, "image_sizes": sizes})  # fmt: skip
+    return [(boxes[k, :n], scores[k, :n], classes[k, :n]) for k, n in enumerate(num)]
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    lt, rb = np.maximum(a[:, None, :2], b[None, :, :2]), np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+    area = lambda x: np.prod(x[:, 2:] - x[:, :2], axis=1)
+    return inter / (area(a)[:, None] + area(b)[None, :] - inter)
+
+
+def test_int8_detections_match_fp32(quantized: tuple[Path, Path]) -> None:
+    images = textured([(256, 384), (416, 288)], seed=2)
+    ref, got = _detections(quantized[0], images), _detections(quantized[1], images)
+    total = matched = 0
+    for (rb, rs, rc), (gb, _, gc) in zip(ref, got):
+        assert len(rs) > 5
+        iou = _iou(rb, gb)
+        for i in np.argsort(-rs):  # greedy, highest fp32 score first, same class, IoU >= 0.5
+            total += 1
+            ok = np.flatnonzero((gc == rc[i]) & (iou[i] >= 0.5))
+            if len(ok):
+                j = ok[np.argmax(iou[i, ok])]
+                iou[:, j] = -1
+                matched += 1
+    assert matched / total >= 0.8, (matched, total)
+
+
+def test_fold_conv_affine_equals_mul_add(quantized: tuple[Path, Path]) -> None:
+    from frcnn.export.fold_bn import fold_conv_affine
+
+    fp32 = onnx.load(str(quantized[0]))
+    folded, count = fold_conv_affine(fp32)
+    assert count == sum(n.op_type == "Mul" and n.name.endswith("/norm/Mul_0") for n in fp32.graph.node) > 10
+    inits, _, consumers = _graph(fp32)
+    conv = next(n for n in fp32.graph.node if n.name == "backbone/bottom_up/stem/conv1/Conv_0")
+    mul = consumers[conv.output[0]][0]
+    add = consumers[mul.output[0]][0]
+    scale, shift = (inits[next(i for i in x.input if i in inits)].reshape(-1) for x in (mul, add))
+    new = {t.name: numpy_helper.to_array(t) for t in folded.graph.initializer}
+    fconv = next(n for n in folded.graph.node if n.name == conv.name)
+    np.testing.assert_allclose(new[fconv.input[1]], inits[conv.input[1]] * scale[:, None, None, None], rtol=1e-6)
+    np.testing.assert_allclose(new[fconv.input[2]], shift, rtol=1e-6)
+    assert fconv.output[0] == add.output[0]
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "undecodable", "no_metadata", "foreign_output"])
+def test_int8_bad_input_fails_clearly_and_writes_nothing(quantized: tuple[Path, Path], tmp_path: Path,
+                                                         case: str) -> None:
+    from frcnn.export import quantize_onnx
+
+    fp32 = tmp_path / "model.onnx"
+    shutil.copy(quantized[0], fp32)
+    calib = _write_images(tmp_path / "calib", [(128, 160)], seed=1)
+    expected = {"missing": "no such folder", "empty": "holds no images", "undecodable": "cannot be decoded",
+                "no_metadata": "no frcnn metadata", "foreign_output": "never overwritten"}[case]  # fmt: skip
+    if case == "missing":
+        calib = tmp_path / "nope"
+    elif case == "empty":
+        calib = tmp_path / "empty"
+        calib.mkdir()
+    elif case == "undecodable":
+        (calib / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    elif case == "no_metadata":
+        model = onnx.load(str(fp32))
+        del model.metadata_props[:]
+        onnx.save(model, str(fp32))
+    else:
+        (tmp_path / "model.int8.onnx").write_bytes(b"someone else's file")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(UserError, match=expected):
+        quantize_onnx(fp32, calib)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    if case == "foreign_output":
+        assert (tmp_path / "model.int8.onnx").read_bytes() == b"someone else's file"
+
+
+def test_export_cli_int8_checks_calibration_folder_before_loading(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from frcnn.export.cli import main
+
+    checkpoint = tmp_path / "model.pth"
+    checkpoint.write_bytes(b"not loaded: the calibration folder is checked first")
+    code = main([str(checkpoint), "--int8", "--calib-images", str(tmp_path / "missing")])
+    assert code == 2 and "no such folder" in capsys.readouterr().err
+    code = main([str(checkpoint), "--int8"])
+    assert code == 2 and "--int8 needs --calib-images" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pth"]
