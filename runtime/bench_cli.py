@@ -133,6 +133,10 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.batch < 1 or args.iters < 1 or args.warmup < 0 or min(args.size) < 1:
         raise UserError("--batch and --iters must be >= 1, --warmup >= 0, --size positive")
     options = {"intra_op_threads": args.threads} if args.threads else {}
+    if args.compare:
+        from frcnn.runtime.bench_compare import run_compare
+
+        return run_compare(args, options)
     detector = Detector(args.model, backend=args.backend, max_batch=args.batch, **options)
     h, w = args.size
     images = [synthetic_image(h, w, seed=i) for i in range(args.batch)]
@@ -156,6 +160,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser = subparsers.add_parser("bench", help="latency / throughput of a deployed model",
                                    description=__doc__.split("\n\n")[0] if __doc__ else None)  # fmt: skip
     parser.add_argument("model", metavar="MODEL", help="deployed model (.onnx, .engine / .plan)")
+    parser.add_argument("compare", nargs="?", metavar="MODEL_B", help="second model timed side by side, e.g. "
+                        "model.int8.onnx (prints the latency ratio)")
     parser.add_argument("--batch", type=int, default=1, help="images per call (default 1)")
     parser.add_argument("--size", type=int, nargs=2, default=(800, 1333), metavar=("H", "W"),
                         help="synthetic image size (default 800 1333)")  # fmt: skip
