@@ -93,6 +93,9 @@ def unshare_qdq_params(model: onnx.ModelProto) -> int:
                 if len(r.input) > slot and r.input[slot] == old:
                     r.input[slot] = new
             copied += slot == 1
+    used = {i for n in model.graph.node for i in n.input}
+    for t in [t for t in model.graph.initializer if t.name not in used]:
+        model.graph.initializer.remove(t)
     return copied
 
 

@@ -117,39 +117,25 @@ def test_int8_quantizes_the_heavy_layers_and_keeps_box_arithmetic_fp32(quantized
     assert not any(n.op_type == "Mul" and "/norm/" in n.name for n in int8.graph.node)  # BN folded into convs
 
 
-def _detections(path: Path, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(boxes, scores, classes) of the valid rows per image, the batch fed to ONNX Runtime as is."""
+def test_int8_features_track_fp32(quantized: tuple[Path, Path]) -> None:
+    """The FPN levels ROIAlignV2 reads (p2..p5): int8 vs fp32 on images not used for calibration. The tiny
+    random model's class scores sit just above the 0.05 threshold by construction, so its detection lists are
+    not a stable accuracy measure; the features are (measured here: cosine 0.984..0.994, relative L2 error
+    0.11..0.18 with 3 calibration images)."""
     import onnxruntime as ort
+    from frcnn.export.onnx_export import with_outputs
 
-    images_, sizes = batch(images)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    num, boxes, scores, classes = sess.run(["num_detections", "boxes", "scores", "classes"],
-                                           {"images": images_, "image_sizes": sizes})  # fmt: skip
-    return [(boxes[k, :n], scores[k, :n], classes[k, :n]) for k, n in enumerate(num)]
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    lt, rb = np.maximum(a[:, None, :2], b[None, :, :2]), np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
-    area = lambda x: np.prod(x[:, 2:] - x[:, :2], axis=1)
-    return inter / (area(a)[:, None] + area(b)[None, :] - inter)
-
-
-def test_int8_detections_match_fp32(quantized: tuple[Path, Path]) -> None:
-    images = textured([(256, 384), (416, 288)], seed=2)
-    ref, got = _detections(quantized[0], images), _detections(quantized[1], images)
-    total = matched = 0
-    for (rb, rs, rc), (gb, _, gc) in zip(ref, got):
-        assert len(rs) > 5
-        iou = _iou(rb, gb)
-        for i in np.argsort(-rs):  # greedy, highest fp32 score first, same class, IoU >= 0.5
-            total += 1
-            ok = np.flatnonzero((gc == rc[i]) & (iou[i] >= 0.5))
-            if len(ok):
-                j = ok[np.argmax(iou[i, ok])]
-                iou[:, j] = -1
-                matched += 1
-    assert matched / total >= 0.8, (matched, total)
+    levels = ["p2", "p3", "p4", "p5"]
+    images, sizes = batch(textured([(256, 384), (416, 288)], seed=2))
+    feats = []
+    for path in quantized:
+        model = with_outputs(onnx.load(str(path)), levels)
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        feats.append(dict(zip(levels, sess.run(levels, {"images": images, "image_sizes": sizes}))))
+    for name in levels:
+        a, b = feats[0][name].ravel().astype(np.float64), feats[1][name].ravel().astype(np.float64)
+        cosine = a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+        assert cosine >= 0.97 and np.linalg.norm(a - b) / np.linalg.norm(a) <= 0.25, (name, cosine)
 
 
 def test_fold_conv_affine_equals_mul_add(quantized: tuple[Path, Path]) -> None:
@@ -211,3 +197,68 @@ def test_export_cli_int8_checks_calibration_folder_before_loading(tmp_path: Path
     code = main([str(checkpoint), "--int8"])
     assert code == 2 and "--int8 needs --calib-images" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pth"]
+
+
+def test_low_memory_session_gives_the_same_detections(quantized: tuple[Path, Path]) -> None:
+    import onnxruntime as ort
+    from frcnn.runtime.backends.onnxruntime import LOW_MEMORY, OnnxRuntimeBackend, apply_memory_options
+
+    so = apply_memory_options(ort.SessionOptions(), LOW_MEMORY)
+    assert so.get_session_config_entry("session.disable_prepacking") == "1"
+    assert not so.enable_cpu_mem_arena and not so.enable_mem_pattern
+    with pytest.raises(UserError, match="unknown ONNX Runtime memory option"):
+        apply_memory_options(ort.SessionOptions(), ["no_such_option"])
+    images, sizes = batch(textured([(256, 384)], seed=1))
+    outs = []
+    for low in (False, True):
+        backend = OnnxRuntimeBackend(str(quantized[0]), providers=["cpu"], low_memory=low)
+        backend.activate()
+        outs.append(backend.infer({"images": images, "image_sizes": sizes}))
+        backend.deactivate()
+    for name in ("num_detections", "classes"):
+        np.testing.assert_array_equal(outs[0][name], outs[1][name])
+    for name in ("boxes", "scores"):  # unpacked weights take another GEMM path: float rounding only
+        np.testing.assert_allclose(outs[0][name], outs[1][name], rtol=1e-5, atol=1e-4)
+
+
+def test_bench_cli_compares_two_models_side_by_side(quantized: tuple[Path, Path], tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    from frcnn.runtime.cli import main
+
+    out = tmp_path / "bench.json"
+    code = main(["bench", str(quantized[0]), str(quantized[1]), "--size", "160", "192", "--iters", "2",
+                 "--warmup", "1", "--threads", "1", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0 and "latency ratio fp32 / int8" in text
+    record = json.loads(out.read_text())
+    assert [m["precision"] for m in record["models"]] == ["fp32", "int8"]
+    means = [m["latency_mean_ms"] for m in record["models"]]
+    assert record["ratio_a_over_b"] == pytest.approx(means[0] / means[1])
+    assert all(len(m["raw_seconds"]["inference"]) == 2 for m in record["models"])
+
+
+def test_export_cli_int8_step_writes_beside_the_onnx(quantized: tuple[Path, Path], tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    import argparse
+
+    from frcnn.export.quantize_cli import add_int8_arguments, check_int8_arguments, run_int8
+
+    fp32 = tmp_path / "m.onnx"
+    shutil.copy(quantized[0], fp32)
+    calib = _write_images(tmp_path / "calib", [(256, 320), (320, 256)], seed=4)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--fp16", action="store_true")
+    add_int8_arguments(parser)
+    args = parser.parse_args(["--int8", "--calib-images", str(calib), "--calib-count", "1", "--calib-method",
+                              "percentile", "--int8-exclude", "backbone/bottom_up/stem/*"])  # fmt: skip
+    check_int8_arguments(args, fp32)
+    path = run_int8(args, fp32)
+    assert path == tmp_path / "m.int8.onnx" and "int8 ONNX: " in capsys.readouterr().out
+    model = onnx.load(str(path))
+    meta = json.loads({p.key: p.value for p in model.metadata_props}["int8_calibration"])
+    assert meta["method"] == "percentile" and meta["images"] == 1 and meta["exclude"] == ["backbone/bottom_up/stem/*"]
+    stem = next(n for n in model.graph.node if n.name == "backbone/bottom_up/stem/conv1/Conv_0")
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    assert all(producers.get(i) != "DequantizeLinear" for i in stem.input)  # excluded: stays fp32
+    with pytest.raises(UserError, match="exclude each other"):
+        check_int8_arguments(parser.parse_args(["--int8", "--fp16", "--calib-images", str(calib)]), fp32)
