@@ -45,3 +45,22 @@ def test_match_batches_uses_valid_rows_only() -> None:
     rep = match_batches([out], [out], min_iou=0.9, score_atol=0.1)
     assert (rep.reference, rep.deployed, rep.matched, rep.rate) == (1, 1, 1, 1.0)
     assert MatchReport().rate == 1.0 and MatchReport(deployed=2).rate == 0.0
+
+
+def test_parity_precision_verdict_uses_the_match_rate(capsys: pytest.CaptureFixture) -> None:
+    import argparse
+
+    from frcnn.runtime.match_rate import PRECISION_DEFAULTS, run_match_rate
+
+    boxes = np.array([[[10 * k, 0, 10 * k + 8, 8] for k in range(10)]], np.float32)
+    ref = {"num_detections": np.array([10]), "boxes": boxes, "scores": np.full((1, 10), 0.9, np.float32),
+           "classes": np.zeros((1, 10), np.int32)}  # fmt: skip
+    args = argparse.Namespace(precision="int8", weights="w.pth", model="m.int8.onnx", images="imgs")
+    assert PRECISION_DEFAULTS["int8"]["min_match_rate"] == 0.9
+    shifted = dict(ref, boxes=boxes.copy())
+    shifted["boxes"][0, 0] += 4  # one of ten detections moves (IoU 0.33): 90 % matched, still passes
+    assert run_match_rate(args, [ref], [shifted], "onnxruntime", 1) == 0
+    assert "9/10 reference detections matched (90.0 %)" in capsys.readouterr().out
+    shifted["boxes"][0, 1] += 4  # 80 %: fails
+    assert run_match_rate(args, [ref], [shifted], "onnxruntime", 1) == 1
+    assert "PARITY FAILED" in capsys.readouterr().out
