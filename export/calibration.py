@@ -17,6 +17,9 @@ from frcnn.runtime.errors import UserError
 from frcnn.runtime.preprocess import Preprocessor
 from PIL import Image, ImageOps
 
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+"""Activation range estimators (ONNX Runtime's MinMax, Entropy, Percentile calibrators)."""
+DEFAULT_CALIB_COUNT = 64
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from frcnn.export.calibration import CalibrationImages
+from frcnn.export.calibration import CALIBRATION_METHODS, DEFAULT_CALIB_COUNT, CalibrationImages
 from frcnn.export.fold_bn import fold_conv_affine
 from frcnn.export.onnx_export import check, check_writable, write_atomic
 from frcnn.export.qdq_rules import (
@@ -41,8 +41,6 @@ from frcnn.export.qdq_rules import (
 from frcnn.runtime.detector import parse_metadata
 from frcnn.runtime.errors import UserError
 
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-DEFAULT_CALIB_COUNT = 64
 PRECISION_KEY = "precision"
 
 

@@ -4,7 +4,8 @@
                   [--calib-method minmax|entropy|percentile] [--int8-exclude PATTERN ...] [--engine model.engine]
 
 writes ``model.int8.onnx`` beside the fp32 ONNX and, with ``--engine``, builds the engine from it. The
-calibration folder is checked (exists, holds images, every image decodes) before the checkpoint is loaded.
+calibration folder is checked (exists, holds images, the images used decode) before the checkpoint is
+loaded. Building the parser imports nothing heavy (no onnx / torch).
 """
 
 from __future__ import annotations
@@ -13,8 +14,13 @@ import argparse
 import time
 from pathlib import Path
 
-from frcnn.export.calibration import CalibrationImages, list_images
-from frcnn.export.quantize import CALIBRATION_METHODS, DEFAULT_CALIB_COUNT, check_replaceable, int8_path
+from frcnn.export.calibration import (
+    CALIBRATION_METHODS,
+    DEFAULT_CALIB_COUNT,
+    CalibrationImages,
+    list_images,
+    read_image,
+)
 from frcnn.runtime.errors import UserError
 
 
@@ -46,8 +52,10 @@ def check_int8_arguments(args: argparse.Namespace, onnx_output: Path) -> None:
                         "choose one")
     if args.calib_count < 1:
         raise UserError(f"--calib-count must be >= 1, got {args.calib_count}")
-    list_images(args.calib_images)
+    for path in list_images(args.calib_images)[: args.calib_count]:  # every image decodes, before the export
+        read_image(path)
     from frcnn.export.onnx_export import check_writable
+    from frcnn.export.quantize import check_replaceable, int8_path
 
     check_writable(int8_path(onnx_output))
     check_replaceable(int8_path(onnx_output), onnx_output)
@@ -58,7 +66,7 @@ def run_int8(args: argparse.Namespace, onnx_path: Path) -> Path:
     if not args.int8:
         return onnx_path
     from frcnn.export.onnx_export import write_atomic
-    from frcnn.export.quantize import load_frcnn_model, quantize_model
+    from frcnn.export.quantize import int8_path, load_frcnn_model, quantize_model
     from frcnn.runtime.detector import parse_metadata
 
     start = time.perf_counter()

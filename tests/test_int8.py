@@ -196,14 +196,26 @@ def test_export_cli_int8_checks_calibration_folder_before_loading(tmp_path: Path
     assert code == 2 and "no such folder" in capsys.readouterr().err
     code = main([str(checkpoint), "--int8"])
     assert code == 2 and "--int8 needs --calib-images" in capsys.readouterr().err
+    broken = tmp_path / "calib"
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"\x89PNG truncated")
+    code = main([str(checkpoint), "--int8", "--calib-images", str(broken)])
+    assert code == 2 and "a.png cannot be decoded" in capsys.readouterr().err
+    (broken / "a.png").unlink()
+    broken.rmdir()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pth"]
 
 
 def test_low_memory_session_gives_the_same_detections(quantized: tuple[Path, Path]) -> None:
     import onnxruntime as ort
-    from frcnn.runtime.backends.onnxruntime import LOW_MEMORY, OnnxRuntimeBackend, apply_memory_options
+    from frcnn.runtime.backends.onnxruntime import (
+        LOW_MEMORY,
+        MEMORY_OPTIONS,
+        OnnxRuntimeBackend,
+        apply_memory_options,
+    )
 
-    so = apply_memory_options(ort.SessionOptions(), LOW_MEMORY)
+    so = apply_memory_options(ort.SessionOptions(), ["disable_prepacking", "disable_mem_pattern", *LOW_MEMORY])
     assert so.get_session_config_entry("session.disable_prepacking") == "1"
     assert not so.enable_cpu_mem_arena and not so.enable_mem_pattern
     with pytest.raises(UserError, match="unknown ONNX Runtime memory option"):
@@ -215,10 +227,17 @@ def test_low_memory_session_gives_the_same_detections(quantized: tuple[Path, Pat
         backend.activate()
         outs.append(backend.infer({"images": images, "image_sizes": sizes}))
         backend.deactivate()
-    for name in ("num_detections", "classes"):
-        np.testing.assert_array_equal(outs[0][name], outs[1][name])
-    for name in ("boxes", "scores"):  # unpacked weights take another GEMM path: float rounding only
-        np.testing.assert_allclose(outs[0][name], outs[1][name], rtol=1e-5, atol=1e-4)
+    so = ort.SessionOptions()  # every option, applied to a real session: same detections too
+    sess = ort.InferenceSession(str(quantized[0]), apply_memory_options(so, list(MEMORY_OPTIONS)),
+                                providers=["CPUExecutionProvider"])  # fmt: skip
+    outs.append(dict(zip(["num_detections", "boxes", "scores", "classes"],
+                         sess.run(["num_detections", "boxes", "scores", "classes"],
+                                  {"images": images, "image_sizes": sizes}))))  # fmt: skip
+    for other in outs[1:]:
+        for name in ("num_detections", "classes"):
+            np.testing.assert_array_equal(outs[0][name], other[name])
+        for name in ("boxes", "scores"):  # unpacked weights take another GEMM path: float rounding only
+            np.testing.assert_allclose(outs[0][name], other[name], rtol=1e-5, atol=1e-4)
 
 
 def test_bench_cli_compares_two_models_side_by_side(quantized: tuple[Path, Path], tmp_path: Path,
