@@ -33,6 +33,7 @@ from frcnn.export.calibration import CALIBRATION_METHODS, DEFAULT_CALIB_COUNT, C
 from frcnn.export.fold_bn import fold_conv_affine
 from frcnn.export.onnx_export import check, check_writable, write_atomic
 from frcnn.export.qdq_rules import (
+    QUANTIZED_OP_TYPES,
     bypass_qdq_for_custom_nodes,
     check_qdq_rules,
     nodes_to_quantize,
@@ -100,6 +101,7 @@ def _ort_quantize(model: onnx.ModelProto, images: CalibrationImages, method: str
         onnx.save(model, src)
         quantize_static(src, dst, _Reader(images), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
+                        op_types_to_quantize=list(QUANTIZED_OP_TYPES),  # also what calibration collects
                         calibrate_method=calib,
                         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
                                        "CalibMaxIntermediateOutputs": 8, "QuantizeBias": False,
