@@ -64,6 +64,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                              "(default: those stored in the checkpoint)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace --output / --engine even when they are files this tool did not write")
+    from frcnn.export.quantize_cli import add_int8_arguments
+
+    add_int8_arguments(parser)
     parser.set_defaults(func=run)
     return parser
 
@@ -224,6 +227,9 @@ def _check_args(args: argparse.Namespace) -> tuple[int, Path]:
             raise UserError(f"--engine {args.engine} is the same file as the checkpoint or --output; choose another")
         onnx_export.check_writable(args.engine)
         check_replaceable(args.engine, args.overwrite, "--engine")
+    from frcnn.export import quantize_cli
+
+    quantize_cli.check_int8_arguments(args, output)
     return opset, output
 
 
@@ -277,9 +283,11 @@ def _run(args: argparse.Namespace, done: dict[str, Any]) -> int:
                                    example_hw=(sizes[1][0], sizes[1][1]))  # fmt: skip
     done["onnx"] = path
     import onnx
+    from frcnn.export import quantize_cli
 
     info = onnx_export.describe(onnx.load(str(path), load_external_data=False))
     print(summary(info, path, time.perf_counter() - start, source, names_source))
+    path = quantize_cli.run_int8(args, path)
     if args.engine:
         return _build_engine(args, path, sizes)
     print(f"next: run it with ONNX Runtime (`frcnn infer {path} IMAGE`), or build a TensorRT engine on a GPU "

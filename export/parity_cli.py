@@ -171,6 +171,10 @@ def run_parity(args: argparse.Namespace) -> int:
     raw_func = ValidRowsCompareFunc(args.box_atol, args.score_atol)
     det_func = DetectionCompareFunc(min_iou=args.min_iou, score_atol=args.score_atol, proposal_atol=args.box_atol)
     (_, torch_iters), (_, deployed_iters) = results[0], results[1]
+    if args.precision != "fp32":
+        from frcnn.runtime.match_rate import run_match_rate
+
+        return run_match_rate(args, torch_iters, deployed_iters, deployed.name, len(feeds))
     print(f"parity: {args.weights} (pytorch) vs {args.model} ({deployed.name}) on {len(feeds)} batch(es) "
           f"from {args.images}")
     print(f"{'batch':>5}  {'check':<18} {'result':<42} {'tolerance':<20} verdict")
@@ -207,6 +211,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help=f"IoU for a detection match (default {PARITY_MIN_IOU:g})")
     parser.add_argument("--strict-raw", action="store_true",
                         help="also fail on raw boxes/scores/classes row differences (not only num_detections)")
+    parser.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
+                        help="int8: IoU-matched detections, looser scores; reports the match rate (docs/int8.md)")
     parser.add_argument("--opts", nargs="*", default=[], metavar="KEY VALUE", help="config overrides")
     parser.set_defaults(func=run_parity)
     return parser

@@ -147,8 +147,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(too_large_message("--size", args.size[0], args.size[1], limit))
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be >= 1 (or left out for ONNX Runtime's default), got {args.threads}")
-    check_model_file(args.model)
-    resolve_backend(args.model, args.backend)
+    for model in (args.model, args.compare) if args.compare else (args.model,):
+        check_model_file(model)
+        resolve_backend(model, args.backend)
     check_output_file(args.json, "--json", _is_bench_json)
     if args.plot:
         check_output_file(args.plot, "--plot", _is_bench_plot)
@@ -181,6 +182,10 @@ def run_bench(args: argparse.Namespace) -> int:
 
     _check_args(args)
     options = {"intra_op_threads": args.threads} if args.threads else {}
+    if args.compare:
+        from frcnn.runtime.bench_compare import run_compare
+
+        return run_compare(args, options)
     detector = Detector(args.model, backend=args.backend, max_batch=args.batch, **options)
     h, w = args.size
     images = [synthetic_image(h, w, seed=i) for i in range(args.batch)]
@@ -205,6 +210,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                                    description=__doc__.split("\n\n")[0] if __doc__ else None)  # fmt: skip
     parser.add_argument("model", metavar="MODEL", help="deployed model (.onnx, .engine / .plan) or a Triton URL "
                         "(http://HOST:PORT/frcnn, grpc://HOST:PORT/frcnn)")
+    parser.add_argument("compare", nargs="?", metavar="MODEL_B", help="second model timed side by side, e.g. "
+                        "model.int8.onnx (prints the latency ratio)")
     parser.add_argument("--batch", type=int, default=1, help="images per call (default 1)")
     parser.add_argument("--size", type=int, nargs=2, default=(800, 1333), metavar=("H", "W"),
                         help="synthetic image size (default 800 1333)")  # fmt: skip

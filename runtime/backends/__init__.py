@@ -52,8 +52,13 @@ def resolve_backend(path: str | os.PathLike[str], backend: str = "auto") -> str:
 
 
 def check_model_file(path: str | os.PathLike[str]) -> None:
-    """UserError unless ``path`` is an existing, readable regular file (checked before any loading)."""
+    """UserError unless ``path`` is an existing, readable regular file (checked before any loading); a Triton
+    server URL passes (it is checked when the client connects)."""
+    from frcnn.runtime.backends.triton import is_url
+
     name = os.fspath(path)
+    if is_url(name):
+        return
     if os.path.isdir(name):
         raise UserError(f"model path {name!r} is a folder, not a model file; pass the .onnx / .engine file inside "
                         "it")  # fmt: skip

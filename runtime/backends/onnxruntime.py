@@ -18,6 +18,31 @@ import numpy as np
 from frcnn.runtime.backends.base import INPUTS, MASK_OUTPUTS, OUTPUTS, Backend
 from frcnn.runtime.errors import UserError
 
+MEMORY_OPTIONS = {
+    "disable_prepacking": ("config", "session.disable_prepacking", "1"),
+    "disable_cpu_mem_arena": ("attr", "enable_cpu_mem_arena", False),
+    "disable_mem_pattern": ("attr", "enable_mem_pattern", False),
+    "device_allocator_for_initializers": ("config", "session.use_device_allocator_for_initializers", "1"),
+}
+"""ONNX Runtime session options that trade speed for peak memory (docs/int8.md has the measured costs)."""
+LOW_MEMORY = ("disable_cpu_mem_arena",)
+"""What ``OnnxRuntimeBackend(low_memory=True)`` applies: the one option that lowered R50-FPN's peak RSS here
+(874 -> 674 MiB at 800x1216); adding the other three measured higher (727-746 MiB), see docs/int8.md."""
+
+
+def apply_memory_options(options: Any, names: Any) -> Any:
+    """Set the named MEMORY_OPTIONS on an ``onnxruntime.SessionOptions`` (in place; returns it)."""
+    for name in names:
+        if name not in MEMORY_OPTIONS:
+            raise UserError(f"unknown ONNX Runtime memory option {name!r}; choose from {', '.join(MEMORY_OPTIONS)}")
+        kind, key, value = MEMORY_OPTIONS[name]
+        if kind == "attr":
+            setattr(options, key, value)
+        else:
+            options.add_session_config_entry(key, value)
+    return options
+
+
 _SHORT_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                 "tensorrt": "TensorrtExecutionProvider"}  # fmt: skip
 
@@ -62,17 +87,19 @@ class OnnxRuntimeBackend(Backend):
         device: CUDA device id for the CUDA provider.
         providers: see the module docstring.
         intra_op_threads: ORT intra-op thread count (``None``: ORT's default, one per core).
+        low_memory: apply LOW_MEMORY (no CPU memory arena): lower peak RSS (measured in docs/int8.md).
     """
 
     name = "onnxruntime"
 
     def __init__(self, path: str, device: int = 0, providers: Any = None, intra_op_threads: int | None = None,
-                 max_batch: int | None = None) -> None:  # fmt: skip
+                 max_batch: int | None = None, low_memory: bool = False) -> None:  # fmt: skip
         super().__init__(path)
         self.device = int(device)
         self.providers = providers
         self.intra_op_threads = intra_op_threads
         self._user_max_batch = max_batch
+        self.low_memory = bool(low_memory)
         self.session: Any = None
 
     def _activate(self) -> None:
@@ -82,6 +109,8 @@ class OnnxRuntimeBackend(Backend):
         if self.intra_op_threads is not None:
             options.intra_op_num_threads = int(self.intra_op_threads)
         options.log_severity_level = 3  # errors only; ORT's warnings about unused initializers are noise
+        if self.low_memory:
+            apply_memory_options(options, LOW_MEMORY)
         providers = select_providers(ort, self.providers, self.device)
         try:
             session = ort.InferenceSession(self.path, options, providers=providers)

@@ -1,0 +1,178 @@
+"""INT8 by explicit Q/DQ: an exported fp32 ONNX + calibration images -> ``model.int8.onnx``.
+
+    from frcnn.export import quantize_onnx
+    quantize_onnx("model.onnx", "calib/", calib_count=200, method="minmax")   # -> model.int8.onnx
+
+TensorRT 11 builds INT8 only from QuantizeLinear/DequantizeLinear nodes in the ONNX; ONNX Runtime runs the
+same graph with integer kernels on the CPU, which is how this file is proven here. Steps:
+
+1. checks (before any work): the model has frcnn metadata and the custom domain, the calibration folder
+   exists and every image in it decodes (``frcnn.export.calibration``);
+2. FrozenBN affine folded into the convolutions (``frcnn.export.fold_bn``) so Q/DQ sit on real Conv outputs;
+3. ONNX Runtime's ``quantize_static`` in QDQ format: int8 activations and weights, symmetric (zero point 0),
+   per-channel weights, per-tensor activations, on the nodes ``frcnn.export.qdq_rules.nodes_to_quantize``
+   picks (backbone, FPN, RPN head, box head) minus ``exclude`` patterns; the ranges come from running the
+   calibration images through the model as the runtime feeds them;
+4. the ``frcnn`` nodes read fp32 tensors again (Q/DQ bypassed), the local functions and metadata are
+   restored, ``precision`` / ``int8_*`` metadata added, ``onnx.checker`` full check, strict shape
+   inference, the TensorRT Q/DQ rule check, then an atomic write.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from frcnn.export.calibration import CALIBRATION_METHODS, DEFAULT_CALIB_COUNT, CalibrationImages
+from frcnn.export.fold_bn import fold_conv_affine
+from frcnn.export.onnx_export import check, check_writable, write_atomic
+from frcnn.export.qdq_rules import (
+    QUANTIZED_OP_TYPES,
+    bypass_qdq_for_custom_nodes,
+    check_qdq_rules,
+    nodes_to_quantize,
+    unshare_qdq_params,
+)
+from frcnn.runtime.detector import parse_metadata
+from frcnn.runtime.errors import UserError
+
+PRECISION_KEY = "precision"
+
+
+def int8_path(onnx_path: str | os.PathLike[str]) -> Path:
+    """``model.onnx`` -> ``model.int8.onnx`` (beside it)."""
+    path = Path(onnx_path)
+    return path.with_name(path.stem + ".int8.onnx")
+
+
+def load_frcnn_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """The fp32 model written by ``frcnn export``; UserError when missing, unreadable or not ours."""
+    from frcnn.plugins import DOMAIN
+
+    if not os.path.isfile(path):
+        raise UserError(f"ONNX model {path} does not exist; export it first with `frcnn export model.pth`")
+    try:
+        model = onnx.load(os.fspath(path))
+    except Exception as exc:  # noqa: BLE001 - protobuf raises several types for a corrupt file
+        raise UserError(f"cannot read ONNX model {path} ({type(exc).__name__}: {exc}); re-export it") from None
+    metadata = {p.key: p.value for p in model.metadata_props}
+    parse_metadata(metadata, os.fspath(path))  # UserError when the frcnn metadata is missing
+    if metadata.get(PRECISION_KEY, "fp32") != "fp32":
+        raise UserError(f"{path} is already {metadata[PRECISION_KEY]}; quantize the fp32 ONNX written by "
+                        "`frcnn export`")
+    if metadata.get("custom_domain") != DOMAIN or not any(n.domain == DOMAIN for n in model.graph.node):
+        raise UserError(f"{path} has no frcnn custom nodes; --int8 quantizes the ONNX written by `frcnn export`")
+    return model
+
+
+class _Reader:
+    """``onnxruntime.quantization.CalibrationDataReader`` over CalibrationImages (duck-typed: get_next/rewind)."""
+
+    def __init__(self, images: CalibrationImages) -> None:
+        self.images = images
+        self._it: Iterator[dict[str, np.ndarray]] = iter(images)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+    def rewind(self) -> None:
+        self._it = iter(self.images)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return iter(self.images)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def _ort_quantize(model: onnx.ModelProto, images: CalibrationImages, method: str, nodes: list[str]) -> onnx.ModelProto:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    calib = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+             "percentile": CalibrationMethod.Percentile}[method]  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="frcnn-int8-") as tmp:
+        src, dst = os.path.join(tmp, "fp32.onnx"), os.path.join(tmp, "int8.onnx")
+        onnx.save(model, src)
+        quantize_static(src, dst, _Reader(images), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
+                        op_types_to_quantize=list(QUANTIZED_OP_TYPES),  # also what calibration collects
+                        calibrate_method=calib,
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                                       "CalibMaxIntermediateOutputs": 8, "QuantizeBias": False,
+                                       "DedicatedQDQPair": True})  # fmt: skip
+        return onnx.load(dst)
+
+
+def quantize_model(model: onnx.ModelProto, images: CalibrationImages, method: str = "minmax",
+                   exclude: Sequence[str] = ()) -> onnx.ModelProto:
+    """The checked Q/DQ ModelProto of an fp32 frcnn ``model`` (steps 2-4 of the module docstring)."""
+    if method not in CALIBRATION_METHODS:
+        raise UserError(f"--calib-method {method!r} is not one of {', '.join(CALIBRATION_METHODS)}")
+    folded, _ = fold_conv_affine(model)
+    nodes = nodes_to_quantize(folded, exclude)
+    if not nodes:
+        raise UserError(f"--int8-exclude {' '.join(exclude)} excludes every quantizable node; nothing would run "
+                        "in int8")
+    result = _ort_quantize(folded, images, method, nodes)
+    bypass_qdq_for_custom_nodes(result)
+    unshare_qdq_params(result)
+    del result.functions[:]
+    result.functions.extend(model.functions)
+    del result.opset_import[:]
+    result.opset_import.extend(model.opset_import)
+    result.ir_version = model.ir_version
+    del result.graph.value_info[:]
+    result.graph.name = model.graph.name
+    result.producer_name, result.producer_version = model.producer_name, model.producer_version
+    props = {p.key: p.value for p in model.metadata_props}
+    props.update({PRECISION_KEY: "int8", "int8_calibration": json.dumps(
+        {"method": method, "images": len(images), "exclude": list(exclude), "quantized_nodes": len(nodes),
+         "tool": "onnxruntime.quantization.quantize_static (QDQ, symmetric, per-channel weights)"})})
+    del result.metadata_props[:]
+    for key, value in props.items():
+        result.metadata_props.add(key=key, value=value)
+    problems = check_qdq_rules(result)
+    if problems:
+        raise RuntimeError("the Q/DQ graph breaks TensorRT's rules: " + "; ".join(problems[:5]))
+    check(result)
+    return result
+
+
+def quantize_onnx(onnx_path: str | os.PathLike[str], calib_images: str | os.PathLike[str],
+                  output_path: str | os.PathLike[str] | None = None, *, calib_count: int | None = DEFAULT_CALIB_COUNT,
+                  method: str = "minmax", exclude: Sequence[str] = ()) -> Path:
+    """Write the INT8 Q/DQ copy of ``onnx_path`` (default ``model.int8.onnx`` beside it); returns its path.
+
+    calib_count: the first N images (sorted names) of ``calib_images``; ``None`` uses all. method: one of
+    CALIBRATION_METHODS. exclude: fnmatch patterns of node names kept fp32. Raises UserError for bad input,
+    before any quantization work; never overwrites a file that is not a frcnn int8 model.
+    """
+    output = Path(output_path) if output_path is not None else int8_path(onnx_path)
+    if method not in CALIBRATION_METHODS:
+        raise UserError(f"--calib-method {method!r} is not one of {', '.join(CALIBRATION_METHODS)}")
+    check_writable(output)
+    check_replaceable(output, onnx_path)
+    model = load_frcnn_model(onnx_path)
+    info = parse_metadata({p.key: p.value for p in model.metadata_props}, os.fspath(onnx_path))
+    images = CalibrationImages(info, calib_images, calib_count)
+    return write_atomic(quantize_model(model, images, method, exclude), output)
+
+
+def check_replaceable(output: Path, source: Any) -> None:
+    if output.resolve() == Path(source).resolve():
+        raise UserError(f"the int8 output {output} is the fp32 model itself; choose another output path")
+    if not output.exists():
+        return
+    try:
+        props = {p.key: p.value for p in onnx.load(str(output), load_external_data=False).metadata_props}
+    except Exception:  # noqa: BLE001 - any unreadable file is not ours
+        props = {}
+    if props.get(PRECISION_KEY) != "int8":
+        raise UserError(f"{output} exists and is not an int8 model written by frcnn; move it away or choose "
+                        "another output path (it is never overwritten)")
