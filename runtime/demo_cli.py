@@ -22,7 +22,7 @@ __all__ = ["DEMO_CONFIG", "DEMO_IMAGES", "DEMO_ITERS", "DEMO_SYNTH", "add_parser
 # `frcnn data synth`'s default (192 px images, no shape under 16 px, at most 6 shapes and 6 distractor
 # lines per image) and the packaged demo config (anchors 16..256 px, FPN 64 channels).
 DEMO_CONFIG = "frcnn-demo-R18.yaml"
-DEMO_ITERS = 450
+DEMO_ITERS = 700
 DEMO_IMAGES = 300
 DEMO_SYNTH = ["--size", "192", "--classes", "3", "--min-side", "16", "--max-shapes", "6", "--clutter", "6",
               "--seed", "0"]  # fmt: skip
