@@ -4,13 +4,19 @@
     python bench/bench_train.py small [--images 375 --size 320] [--threads 2] [--work /tmp/frcnn-bench]
         [--json bench/results/train_small.json] [KEY VALUE ...]
 
+    # frcnn demo's training (frcnn-demo-R18.yaml on its easier synthetic set; see docs/training.md)
+    python bench/bench_train.py small --config frcnn-demo-R18.yaml --images 300 --size 192 --min-side 16 \
+        --max-shapes 6 --clutter 6
+
     # seconds per training iteration of R50-FPN at batch 2, 800x1333, on the CPU
     python bench/bench_train.py r50 [--iters 3] [--threads 2] [--json bench/results/train_r50.json]
 
 ``small`` runs ``frcnn.trainer.engine.train`` (what ``frcnn train`` runs) with the packaged
-``frcnn-small-R18.yaml`` plus the KEY VALUE overrides, then ``evaluate_model`` on the val split (pycocotools).
+``frcnn-small-R18.yaml`` (or ``--config``) plus the KEY VALUE overrides, then ``evaluate_model`` on the val split (pycocotools).
 ``--images`` counts train + val (val = 20 %), so the default 375 gives 300 training images. Wall time
-covers training and evaluation (synthesis is reported separately; a cached dataset in --work is reused).
+covers training and evaluation (synthesis is reported separately; a cached dataset in --work is reused);
+``train_cpu_s`` is the CPU time of training (this process and its data workers), which a busy machine
+inflates much less than the wall time.
 
 ``r50`` times ``Trainer.run_step`` (data already in memory: two random 800x1333 BGR images with 8 random
 boxes each, 80 classes, BN frozen as in the model zoo config): one warm-up iteration, then ``--iters``.
@@ -22,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -29,6 +36,7 @@ from typing import Any
 
 import torch
 from frcnn.runtime.fileio import atomic_write_json
+from frcnn.trainer.data.synth import CLUTTER, MAX_SHAPES, MIN_SIDE
 
 
 def _machine(threads: int) -> dict[str, Any]:
@@ -37,24 +45,33 @@ def _machine(threads: int) -> dict[str, Any]:
             "loadavg_1m_at_end": os.getloadavg()[0]}  # fmt: skip
 
 
+def _cpu_s() -> float:
+    """CPU seconds of this process and its finished children (data loader workers)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def run_small(args: argparse.Namespace) -> dict[str, Any]:
     from frcnn.trainer.data import load_coco_split, synthesize_dataset
     from frcnn.trainer.engine import evaluate_model, train
     from frcnn.trainer.modeling import build_model
     from frcnn.trainer.train_cli import build_config
 
-    data = os.path.join(args.work, f"synth-{args.images}-{args.size}")
+    style = {"min_side": args.min_side, "max_shapes": args.max_shapes, "clutter": args.clutter}
+    data = os.path.join(
+        args.work, "synth-{}-{}-{min_side}-{max_shapes}-{clutter}".format(args.images, args.size, **style)
+    )
     t0 = time.perf_counter()
     if not os.path.isfile(os.path.join(data, "annotations", "instances_val.json")):
         synthesize_dataset(data, num_images=args.images, size=args.size, num_classes=args.classes, seed=0,
-                           overwrite=True)  # fmt: skip
+                           overwrite=True, **style)  # fmt: skip
     synth_s = time.perf_counter() - t0
-    cfg = build_config("frcnn-small-R18.yaml", ["MODEL.DEVICE", "cpu", "SEED", "0", "MODEL.ROI_HEADS.NUM_CLASSES",
-                                                str(args.classes), *args.opts])  # fmt: skip
+    cfg = build_config(args.config, ["MODEL.DEVICE", "cpu", "SEED", "0", "MODEL.ROI_HEADS.NUM_CLASSES",
+                                     str(args.classes), *args.opts])  # fmt: skip
     out = os.path.join(args.work, "train-small")
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), _cpu_s()
     summary = train(cfg, data, out, log_period=20, progress=not args.no_progress)
-    train_s = time.perf_counter() - t1
+    train_s, train_cpu_s = time.perf_counter() - t1, _cpu_s() - c1
     val, meta = load_coco_split(data, "val")
     model = build_model(cfg).eval()
     from frcnn.trainer.checkpoint import load_checkpoint
@@ -68,8 +85,8 @@ def run_small(args: argparse.Namespace) -> dict[str, Any]:
     iter_times = [r["time"] for r in lines if "time" in r]
     train_images = len(load_coco_split(data, "train")[0])
     return {
-        "mode": "small", "config": "frcnn-small-R18.yaml", "overrides": list(args.opts),
-        "train_images": train_images, "val_images": len(val), "image_size": args.size,
+        "mode": "small", "config": args.config, "overrides": list(args.opts), "synth": style,
+        "train_images": train_images, "val_images": len(val), "image_size": args.size, "train_cpu_s": train_cpu_s,
         "max_iter": int(cfg.SOLVER.MAX_ITER), "ims_per_batch": int(cfg.SOLVER.IMS_PER_BATCH),
         "synth_s": synth_s, "train_s": train_s, "eval_s": eval_s, "wall_s": train_s + eval_s,
         "s_per_iter_median": statistics.median(iter_times) if iter_times else None,
@@ -125,6 +142,7 @@ def _print_table(record: dict[str, Any]) -> None:
         rows = [("train images / val images", f"{record['train_images']} / {record['val_images']}"),
                 ("iterations x batch", f"{record['max_iter']} x {record['ims_per_batch']}"),
                 ("median s / iteration", f"{record['s_per_iter_median']:.3f}"),
+                ("training CPU seconds", f"{record['train_cpu_s']:.0f}"),
                 ("train + eval wall (s)", f"{record['train_s']:.0f} + {record['eval_s']:.0f} = {record['wall_s']:.0f}"),
                 ("AP / AP50 / AP75 (%)", f"{100 * m['AP']:.1f} / {100 * m['AP50']:.1f} / {100 * m['AP75']:.1f}"),
                 ("APs / APm / APl (%)", " / ".join(f"{100 * m[k]:.1f}" for k in ("APs", "APm", "APl"))),
@@ -144,6 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=375, help="synthetic images, train + val (val = 20 %%)")
     p.add_argument("--size", type=int, default=320)
     p.add_argument("--classes", type=int, default=3)
+    p.add_argument("--config", default="frcnn-small-R18.yaml", help="small: packaged name or YAML file")
+    p.add_argument(
+        "--min-side", type=int, default=MIN_SIDE, help="small: synthetic set's smallest shape (px)"
+    )
+    p.add_argument("--max-shapes", type=int, default=MAX_SHAPES, help="small: most shapes per image")
+    p.add_argument("--clutter", type=int, default=CLUTTER, help="small: most distractor lines per image")
     p.add_argument("--iters", type=int, default=3, help="r50: timed iterations after one warm-up")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "frcnn-bench"))

@@ -22,3 +22,29 @@ def test_demo_runs_every_step(tmp_path, capsys):
     assert list((out / "infer").glob("*.png")), "no drawn PNG"
     deployed = json.loads((out / "eval-onnx" / "metrics.json").read_text())
     assert "AP50" in deployed["metrics"]
+
+
+def test_demo_config_fits_its_dataset(tmp_path):
+    """The demo trains at the size it synthesizes (no resize) and its smallest anchor fits its smallest shape."""
+    from frcnn.runtime.demo_cli import DEMO_CONFIG, DEMO_ITERS, DEMO_SYNTH, demo_steps
+    from frcnn.trainer.train_cli import build_config
+
+    synth = dict(zip(DEMO_SYNTH[::2], DEMO_SYNTH[1::2]))
+    size, min_side = int(synth["--size"]), int(synth["--min-side"])
+    steps = demo_steps(tmp_path, iters=DEMO_ITERS, images=300)
+    train_argv = steps[1][2]
+    assert train_argv[train_argv.index("--config") + 1] == DEMO_CONFIG
+    overrides = train_argv[train_argv.index(str(tmp_path / "train")) + 1 :]
+    cfg = build_config(DEMO_CONFIG, overrides)
+    assert cfg.INPUT.MIN_SIZE_TRAIN == (size,) and cfg.INPUT.MIN_SIZE_TEST == size
+    assert size <= cfg.INPUT.MAX_SIZE_TEST and size <= cfg.INPUT.MAX_SIZE_TRAIN
+    # the demo's command line reproduces the packaged schedule
+    packaged = build_config(DEMO_CONFIG, [])
+    assert (
+        (cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS, cfg.SOLVER.WARMUP_ITERS)
+        == (packaged.SOLVER.MAX_ITER, packaged.SOLVER.STEPS, packaged.SOLVER.WARMUP_ITERS)
+        == (DEMO_ITERS, (560,), 100)
+    )
+    # no shape is smaller than the smallest anchor: with detectron2's default 32 px anchors a concentric
+    # 16 px square has IoU (16 / 32) ** 2 = 0.25 < 0.3, a negative for the RPN
+    assert cfg.MODEL.ANCHOR_GENERATOR.SIZES[0][0] <= min_side

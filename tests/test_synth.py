@@ -14,6 +14,7 @@ import pytest
 from frcnn.runtime.cli import main as frcnn_main
 from frcnn.runtime.errors import UserError
 from frcnn.trainer.data import load_coco_split, synthesize_dataset
+from frcnn.trainer.data.synth import render_image
 from PIL import Image
 from pycocotools.coco import COCO
 
@@ -140,3 +141,41 @@ def test_data_cli_does_not_import_torch() -> None:
         "assert 'torch' not in sys.modules, 'torch imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_difficulty_knobs_bound_sizes_counts_and_clutter(tmp_path: Path) -> None:
+    """--min-side / --max-shapes / --clutter do what they say; the defaults keep the old bytes."""
+    easy: dict = {"num_images": 12, "size": 128, "num_classes": 3, "seed": 5, "workers": 1}
+    synthesize_dataset(tmp_path / "one", min_side=24, max_shapes=1, clutter=0, **easy)
+    synthesize_dataset(tmp_path / "few", max_shapes=2, **easy)
+    synthesize_dataset(tmp_path / "default", **easy)
+    synthesize_dataset(tmp_path / "explicit", min_side=8, max_shapes=8, clutter=15, **easy)
+    assert _files(tmp_path / "default") == _files(tmp_path / "explicit")
+    one = [
+        json.loads((tmp_path / "one" / "annotations" / f"instances_{s}.json").read_text())
+        for s in ("train", "val")
+    ]
+    boxes = np.array([a["bbox"] for doc in one for a in doc["annotations"]])
+    # one shape, nothing occludes it; at most 1/5 of its side sticks out of the image on each side
+    assert len(boxes) == 12 and boxes[:, 2:].min() >= 0.6 * 24
+    assert one[0]["info"]["min_side"] == 24 and one[0]["info"]["clutter"] == 0
+    few = json.loads((tmp_path / "few" / "annotations" / "instances_train.json").read_text())
+    per_image = np.bincount([a["image_id"] for a in few["annotations"]])
+    assert per_image.max() <= 2
+    # the same rng draws lines into the background only when clutter > 0
+    plain, _ = render_image(128, 1, np.random.default_rng(7), max_shapes=1, clutter=0)
+    lined, _ = render_image(128, 1, np.random.default_rng(7), max_shapes=1, clutter=15)
+    assert not np.array_equal(plain, lined)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [("--min-side", "2", "--min-side must be in 4..25"), ("--min-side", "30", "--min-side must be in 4..25"),
+     ("--max-shapes", "0", "--max-shapes must be >= 1"), ("--clutter", "-1", "--clutter must be >= 0")],
+)  # fmt: skip
+def test_cli_refuses_bad_difficulty(tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, value: str,
+                                    message: str) -> None:  # fmt: skip
+    out = tmp_path / "ds"
+    assert frcnn_main(["data", "synth", str(out), "--images", "4", "--size", "64", flag, value]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()

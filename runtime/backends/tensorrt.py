@@ -79,7 +79,7 @@ class _Buffer:
     def host_view(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         count = int(np.prod(shape)) if shape else 1
         raw = (ctypes.c_byte * (count * np.dtype(dtype).itemsize)).from_address(self.host_ptr)
-        return np.frombuffer(raw, dtype=dtype, count=count).reshape(shape)
+        return np.frombuffer(memoryview(raw), dtype=dtype, count=count).reshape(shape)
 
     def free(self) -> None:
         if self.nbytes:

@@ -9,7 +9,8 @@
 
 Packaged configs (``configs/``): detectron2's Base-RCNN-FPN.yaml and COCO-Detection/faster_rcnn_R_{50,101}_
 FPN_{1x,3x}.yaml with the same content as detectron2's files (detectron2 ships no R_101_FPN_1x; ours is
-R_101_FPN_3x with the 1x schedule of R_50_FPN_1x), plus frcnn-small-R18.yaml, a CPU-sized ResNet-18 model.
+R_101_FPN_3x with the 1x schedule of R_50_FPN_1x), plus frcnn-small-R18.yaml, a CPU-sized ResNet-18 model,
+and frcnn-demo-R18.yaml, its `frcnn demo` variant (192 px images, anchors 16..256 px, FPN 64 channels).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import time
 import warnings
 
 from .coco import load_coco_split
-from .synth import SHAPE_NAMES, synthesize_dataset
+from .synth import CLUTTER, MAX_SHAPES, MIN_SIDE, SHAPE_NAMES, synthesize_dataset
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -24,6 +24,9 @@ def _synth(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         overwrite=args.overwrite,
         workers=args.workers,
+        min_side=args.min_side,
+        max_shapes=args.max_shapes,
+        clutter=args.clutter,
     )
     print(
         f"wrote {args.out}: train {counts['train_images']} images / {counts['train_annotations']} boxes, "
@@ -67,6 +70,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     synth.add_argument("--seed", type=int, default=0, help="random seed; same seed -> same bytes (default 0)")
     synth.add_argument(
         "--val-fraction", type=float, default=0.2, help="fraction of images in val (default 0.2)"
+    )
+    synth.add_argument(
+        "--min-side", type=int, default=MIN_SIDE, help=f"smallest shape side in px (default {MIN_SIDE})"
+    )
+    synth.add_argument(
+        "--max-shapes", type=int, default=MAX_SHAPES, help=f"most shapes per image (default {MAX_SHAPES})"
+    )
+    synth.add_argument(
+        "--clutter",
+        type=int,
+        default=CLUTTER,
+        help=f"most distractor lines / arcs per image, 0 for none (default {CLUTTER})",
     )
     synth.add_argument("--overwrite", action="store_true", help="replace an existing dataset in OUT")
     synth.add_argument(

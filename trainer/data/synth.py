@@ -5,9 +5,10 @@
     out/train/000001.png ...           out/val/0000xx.png ...          (RGB PNG, S x S)
     out/annotations/instances_train.json   out/annotations/instances_val.json
 
-Each image: a low-frequency colour field + pixel noise + random lines and arcs (clutter, not a class), then
-3..8 shapes drawn in turn. A shape is one of ``SHAPE_NAMES[:K]`` (COCO category id = index + 1), side
-log-uniform in [8, 0.8 S] px (tiny to large: every FPN level P2..P6 gets objects), mildly stretched, filled
+Each image: a low-frequency colour field + pixel noise + 4..``clutter`` random lines and arcs (distractors,
+not a class; default up to 15), then 3..``max_shapes`` shapes drawn in turn (default 8). A shape is one of
+``SHAPE_NAMES[:K]`` (COCO category id = index + 1), side log-uniform in [``min_side``, 0.8 S] px (default
+8 px: tiny to large, every FPN level P2..P6 gets objects), mildly stretched, filled
 with its own colour and a noise / stripe / checker texture, and may stick out of the image. Shapes are drawn
 roughly large-to-small (with jitter), so later shapes occlude earlier ones. The box of an annotation is the
 extent of the shape's *visible* pixels (COCO convention), ``area`` their count and ``segmentation`` their
@@ -25,7 +26,7 @@ import multiprocessing
 import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from frcnn.runtime.errors import UserError
@@ -35,8 +36,20 @@ from PIL import Image, ImageDraw
 __all__ = ["SHAPE_NAMES", "render_image", "synthesize_dataset"]
 
 SHAPE_NAMES = ("circle", "square", "triangle", "ring", "cross", "diamond", "hexagon", "star")
-MIN_SIDE = 8
+MIN_SIDE = 8  # default smallest shape side (px)
+MAX_SHAPES = 8  # default most shapes per image (at least min(3, max_shapes))
+CLUTTER = 15  # default most distractor lines / arcs per image (at least min(4, clutter))
 MIN_VISIBLE = 0.3
+
+
+class _Style(NamedTuple):
+    """How hard the images are (``render_image`` keyword arguments)."""
+
+    min_side: int = MIN_SIDE
+    max_shapes: int = MAX_SHAPES
+    clutter: int = CLUTTER
+
+
 # 256 unit-Gaussian values (Box-Muller on a 16 x 16 grid of midpoints): noise = _GAUSS[random uint8], which
 # is ~5x faster than drawing normals and exactly reproducible.
 _U = (np.arange(16, dtype=np.float64) + 0.5) / 16
@@ -92,13 +105,13 @@ def _texture(h: int, w: int, colour: np.ndarray, rng: np.random.Generator) -> np
     return tex + _noise((h, w, 3), rng.uniform(4.0, 14.0), rng)
 
 
-def _background(size: int, rng: np.random.Generator) -> np.ndarray:
-    """float32 [S, S, 3]: smooth colour field + noise + lines and arcs."""
+def _background(size: int, rng: np.random.Generator, clutter: int = CLUTTER) -> np.ndarray:
+    """float32 [S, S, 3]: smooth colour field + noise + min(4, clutter)..clutter lines and arcs."""
     g = int(rng.integers(2, 6))
     grid = rng.uniform(30.0, 225.0, size=(g, g, 3)).astype(np.uint8)
     field = Image.fromarray(grid).resize((size, size), Image.Resampling.BILINEAR)
     draw = ImageDraw.Draw(field)
-    for _ in range(int(rng.integers(4, 16))):
+    for _ in range(int(rng.integers(min(4, clutter), clutter + 1))):
         pts = rng.uniform(-0.1 * size, 1.1 * size, size=4).tolist()
         fill = tuple(int(c) for c in rng.integers(0, 256, size=3))
         if rng.random() < 0.6:
@@ -126,20 +139,26 @@ def _pick_colour(bg_patch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def render_image(
-    size: int, num_classes: int, rng: np.random.Generator
+    size: int,
+    num_classes: int,
+    rng: np.random.Generator,
+    *,
+    min_side: int = MIN_SIDE,
+    max_shapes: int = MAX_SHAPES,
+    clutter: int = CLUTTER,
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Render one image -> (uint8 RGB [S, S, 3], annotations [{"category": int 0..K-1, "bbox": XYWH, "area"}])."""
-    img = _background(size, rng)
+    img = _background(size, rng, clutter)
     labels = np.full((size, size), -1, dtype=np.int32)
-    n = int(rng.integers(3, 9))
-    sides = np.exp(rng.uniform(np.log(MIN_SIDE), np.log(0.8 * size), size=n))
+    n = int(rng.integers(min(3, max_shapes), max_shapes + 1))
+    sides = np.exp(rng.uniform(np.log(min_side), np.log(0.8 * size), size=n))
     order = np.argsort(-(np.log(sides) + rng.normal(0.0, 0.4, size=n)), kind="stable")
     shapes = []
     for i, k in enumerate(order):
         cls = int(rng.integers(num_classes))
         stretch = 1.0 if SHAPE_NAMES[cls] in ("circle", "ring") else float(np.exp(rng.uniform(-0.25, 0.25)))
-        h = max(MIN_SIDE, round(float(sides[k]) * stretch))
-        w = max(MIN_SIDE, round(float(sides[k]) / stretch))
+        h = max(min_side, round(float(sides[k]) * stretch))
+        w = max(min_side, round(float(sides[k]) / stretch))
         y0 = int(rng.integers(-h // 5, size - h + h // 5 + 1))
         x0 = int(rng.integers(-w // 5, size - w + w // 5 + 1))
         mask = _shape_mask(SHAPE_NAMES[cls], h, w, rng)
@@ -174,12 +193,12 @@ def _visible_rle(vis: np.ndarray, ys: slice, xs: slice, size: int) -> dict[str, 
     return {"size": [size, size], "counts": rle["counts"].decode("ascii")}
 
 
-def _check_args(num_images: int, size: int, num_classes: int, val_fraction: float) -> None:
+def _check_args(num_images: int, size: int, num_classes: int, val_fraction: float, style: _Style) -> None:
     if num_images < 1:
         raise UserError(f"--images must be >= 1, got {num_images}.")
     if size < 64:
         raise UserError(
-            f"--size must be >= 64 px (shapes range from {MIN_SIDE} px to 0.8 x size), got {size}."
+            f"--size must be >= 64 px (shapes range from --min-side {style.min_side} px to 0.8 x size), got {size}."
         )
     if not 1 <= num_classes <= len(SHAPE_NAMES):
         raise UserError(
@@ -191,6 +210,14 @@ def _check_args(num_images: int, size: int, num_classes: int, val_fraction: floa
         raise UserError(
             f"--val-fraction {val_fraction} leaves no training image out of {num_images}; lower it."
         )
+    if not 4 <= style.min_side <= 0.4 * size:
+        raise UserError(
+            f"--min-side must be in 4..{int(0.4 * size)} px (at most 0.4 x --size {size}), got {style.min_side}."
+        )
+    if style.max_shapes < 1:
+        raise UserError(f"--max-shapes must be >= 1, got {style.max_shapes}.")
+    if style.clutter < 0:
+        raise UserError(f"--clutter must be >= 0 (0: no distractor lines), got {style.clutter}.")
 
 
 def _prepare_out(out_dir: str, overwrite: bool) -> None:
@@ -205,16 +232,18 @@ def _prepare_out(out_dir: str, overwrite: bool) -> None:
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
 
 
-def _write_image(job: tuple[str, int, int, int, int]) -> list[dict[str, Any]]:
+def _write_image(job: tuple[str, int, int, int, int, _Style]) -> list[dict[str, Any]]:
     """Render image ``i`` and write it as PNG (temp file + rename); returns its annotations."""
-    path, i, size, num_classes, seed = job
-    image, annots = render_image(size, num_classes, np.random.default_rng([seed, i]))
+    path, i, size, num_classes, seed, style = job
+    image, annots = render_image(size, num_classes, np.random.default_rng([seed, i]), **style._asdict())
     with atomic_writer(path, "wb") as f:
         Image.fromarray(image).save(f, format="PNG", compress_level=1)
     return annots
 
 
-def _render_all(jobs: list[tuple[str, int, int, int, int]], workers: int) -> list[list[dict[str, Any]]]:
+def _render_all(
+    jobs: list[tuple[str, int, int, int, int, _Style]], workers: int
+) -> list[list[dict[str, Any]]]:
     """Run ``_write_image`` on every job, in worker processes when ``workers > 1`` (PNG encoding dominates)."""
     if workers <= 1:
         return [_write_image(job) for job in jobs]
@@ -233,12 +262,17 @@ def synthesize_dataset(
     val_fraction: float = 0.2,
     overwrite: bool = False,
     workers: int = 0,
+    min_side: int = MIN_SIDE,
+    max_shapes: int = MAX_SHAPES,
+    clutter: int = CLUTTER,
 ) -> dict[str, int]:
     """Write the dataset (layout in the module docstring); returns counts {train_images, val_images,
     train_annotations, val_annotations}. The last ``round(num_images * val_fraction)`` images form val.
     ``workers`` processes render the images (0: one per CPU core, up to 8, for >= 64 images); the output
-    does not depend on it."""
-    _check_args(num_images, size, num_classes, val_fraction)
+    does not depend on it. ``min_side`` / ``max_shapes`` / ``clutter``: see the module docstring (larger
+    ``min_side``, fewer shapes and less clutter make an easier set that a short training run learns)."""
+    style = _Style(int(min_side), int(max_shapes), int(clutter))
+    _check_args(num_images, size, num_classes, val_fraction, style)
     out_dir = os.fspath(out_dir)
     _prepare_out(out_dir, overwrite)
     num_val = round(num_images * val_fraction)
@@ -248,7 +282,7 @@ def synthesize_dataset(
     }
     split_of = ["train" if i < num_images - num_val else "val" for i in range(num_images)]
     jobs = [
-        (os.path.join(out_dir, split_of[i], f"{i + 1:06d}.png"), i, size, num_classes, seed)
+        (os.path.join(out_dir, split_of[i], f"{i + 1:06d}.png"), i, size, num_classes, seed, style)
         for i in range(num_images)
     ]
     if workers <= 0:
@@ -264,7 +298,13 @@ def synthesize_dataset(
             ann = {"id": ann_id, "image_id": i + 1, "category_id": a["category"] + 1, "bbox": a["bbox"]}
             ann["segmentation"] = a["segmentation"]
             splits[split]["annotations"].append({**ann, "area": a["area"], "iscrowd": 0})
-    info = {"description": "frcnn synthetic shapes", "seed": seed, "size": size, "num_images": num_images}
+    info = {
+        "description": "frcnn synthetic shapes",
+        "seed": seed,
+        "size": size,
+        "num_images": num_images,
+        **({} if style == _Style() else style._asdict()),
+    }  # the default style keeps the old bytes
     for split, content in splits.items():
         doc = {"info": info, "licenses": [], **content, "categories": categories}
         atomic_write(
