@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from frcnn.runtime.errors import UserError
+
 __all__ = ["DEMO_CONFIG", "DEMO_IMAGES", "DEMO_ITERS", "DEMO_SYNTH", "add_parser", "demo_steps", "run_demo"]
 
 # The demo's settings (measured: docs/training.md, "The demo's settings"): an easier synthetic set than
@@ -64,9 +66,31 @@ def _entry(program: str) -> Callable[[Sequence[str]], int]:
     return frcnn_main
 
 
+MARKER = ".frcnn-demo"
+"""Written into the demo's folder: a later demo may reuse a folder that holds it (and only such a folder)."""
+
+
+def _prepare_output(output: str) -> Path:
+    """The resolved demo folder, created; UserError for a file, an unwritable path or someone else's folder."""
+    out = Path(output).resolve()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {output} is a file; pass a folder for the demo's data, model and pictures")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise UserError(f"--output {output} is a non-empty folder that an earlier `frcnn demo` did not create; "
+                        "pass a new or empty folder (the demo never writes into other folders)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MARKER).touch()
+    except OSError as exc:
+        raise UserError(f"cannot create the demo folder --output {output}: {exc.strerror or exc}; pass a writable "
+                        "folder") from None
+    return out
+
+
 def run_demo(args: argparse.Namespace) -> int:
-    out = Path(args.output).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    if args.iters < 1 or args.images < 2:
+        raise UserError(f"--iters must be >= 1 and --images >= 2, got --iters {args.iters} --images {args.images}")
+    out = _prepare_output(args.output)
     steps = demo_steps(out, args.iters, args.images)
     timings = []
     for i, (title, program, argv) in enumerate(steps, 1):

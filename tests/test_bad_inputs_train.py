@@ -262,6 +262,16 @@ EXPORT_CASES = [
 ]
 
 
+DEMO_CASES = [
+    ("demo-output-is-file", lambda c: ["demo", "--output", c.file("f.txt", "x")], r"--output .*f.txt is a file"),
+    ("demo-output-not-ours", lambda c: ["demo", "--output", str(Path(c.file("mine/notes.txt", "x")).parent)],
+     r"non-empty folder that an earlier `frcnn demo` did not create"),
+    ("demo-output-under-file", lambda c: ["demo", "--output", str(Path(c.file("g", "x")) / "d")],
+     r"cannot create the demo folder"),
+    ("demo-iters-0", lambda c: ["demo", "--output", str(c.work / "d"), "--iters", "0"], r"--iters must be >= 1"),
+]
+
+
 def _check(ctx: Ctx, argv: list[str], main: Callable, pattern: str, capsys) -> None:
     before = _snapshot(ctx.work)
     rc = main(argv)
@@ -278,6 +288,12 @@ def test_train_and_eval_refuse_bad_input(shared, tmp_path, capsys, name, setup, 
     ctx = Ctx(tmp_path, shared)
     argv = setup(ctx)
     _check(ctx, argv, frcnn_main, pattern, capsys)
+
+
+@pytest.mark.parametrize("name, setup, pattern", DEMO_CASES, ids=[c[0] for c in DEMO_CASES])
+def test_demo_refuses_bad_output_before_any_step(shared, tmp_path, capsys, name, setup, pattern) -> None:
+    ctx = Ctx(tmp_path, shared)
+    _check(ctx, setup(ctx), frcnn_main, pattern, capsys)
 
 
 @pytest.mark.parametrize("name, setup, pattern", EXPORT_CASES, ids=[c[0] for c in EXPORT_CASES])

@@ -26,7 +26,7 @@ def test_demo_runs_every_step(tmp_path, capsys):
 
 def test_demo_config_fits_its_dataset(tmp_path):
     """The demo trains at the size it synthesizes (no resize) and its smallest anchor fits its smallest shape."""
-    from frcnn.runtime.demo_cli import DEMO_CONFIG, DEMO_ITERS, DEMO_SYNTH, demo_steps
+    from frcnn.export.demo_cli import DEMO_CONFIG, DEMO_ITERS, DEMO_SYNTH, demo_steps
     from frcnn.trainer.train_cli import build_config
 
     synth = dict(zip(DEMO_SYNTH[::2], DEMO_SYNTH[1::2]))
