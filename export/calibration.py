@@ -14,8 +14,8 @@ from collections.abc import Iterator
 import numpy as np
 from frcnn.runtime.detector import MIN_PADDED_SIDE, ModelInfo, pad_to_min_side
 from frcnn.runtime.errors import UserError
+from frcnn.runtime.image_io import ImageError, read_rgb
 from frcnn.runtime.preprocess import Preprocessor
-from PIL import Image, ImageOps
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 """Activation range estimators (ONNX Runtime's MinMax, Entropy, Percentile calibrators)."""
@@ -37,11 +37,11 @@ def list_images(folder: str | os.PathLike[str]) -> list[str]:
 
 
 def read_image(path: str) -> np.ndarray:
-    """uint8 [H, W, 3] RGB, EXIF orientation applied (as ``frcnn infer`` and the trainer read images)."""
+    """uint8 [H, W, 3] RGB through the runtime's one image reader (as ``frcnn infer`` and the trainer read
+    images: same modes, EXIF orientation, size limit)."""
     try:
-        with Image.open(path) as f:
-            return np.asarray(ImageOps.exif_transpose(f).convert("RGB"))
-    except (OSError, SyntaxError, ValueError) as exc:
+        return read_rgb(path)
+    except ImageError as exc:
         raise UserError(f"calibration image {path} cannot be decoded ({exc}); replace it or remove it from the "
                         "folder") from None
 

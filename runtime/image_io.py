@@ -33,18 +33,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
 import struct
 import threading
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import IO, TypeVar
 
 import numpy as np
 from frcnn.runtime.errors import UserError
 from frcnn.runtime.preprocess import max_image_side, too_large_message
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["ImageError", "display", "probe_image", "read_image", "read_rgb"]
+__all__ = ["ImageError", "ImageTooLargeError", "decode_image", "display", "probe_image", "read_image", "read_rgb"]
 
 #: Modes converted with Pillow's ``convert("RGB")`` (alpha, where present, is dropped).
 RGB_CONVERTIBLE = frozenset({"1", "L", "P", "RGB", "RGBX", "YCbCr", "LAB", "HSV", "CMYK",
@@ -58,6 +59,10 @@ T = TypeVar("T")
 
 class ImageError(UserError):
     """An image file that cannot be used: missing, unreadable, corrupt, unsupported mode, too large."""
+
+
+class ImageTooLargeError(ImageError):
+    """An image with a side above :func:`frcnn.runtime.preprocess.max_image_side` (refused from its header)."""
 
 
 def display(path: str) -> str:
@@ -90,11 +95,12 @@ def _os_error(file: str, exc: OSError) -> ImageError:
 
 
 @contextlib.contextmanager
-def _open(path: str) -> Iterator[Image.Image]:
-    """The opened (header-only) image; every open failure as ImageError."""
+def _open(path: str, source: IO[bytes] | None = None) -> Iterator[Image.Image]:
+    """The opened (header-only) image of file ``path`` (or of ``source``, named ``path`` in messages); every
+    open failure as ImageError."""
     try:
         with _without_pillow_bomb_limit():
-            image = Image.open(path)
+            image = Image.open(path if source is None else source)
     except UnidentifiedImageError:
         raise ImageError(f"cannot read image {display(path)}: not an image file Pillow knows (corrupt, or another "
                          "format); replace the file or leave it out") from None  # fmt: skip
@@ -113,7 +119,7 @@ def _check_header(path: str, image: Image.Image) -> tuple[int, int]:
         raise ImageError(f"image {display(path)} is empty ({w}x{h} pixels); replace the file or leave it out")
     limit = max_image_side()
     if max(w, h) > limit:
-        raise ImageError(too_large_message(f"image {display(path)}", h, w, limit))
+        raise ImageTooLargeError(too_large_message(f"image {display(path)}", h, w, limit))
     if image.mode not in RGB_CONVERTIBLE and image.mode not in SIXTEEN_BIT:
         kind = {"I": "32-bit integer", "F": "32-bit float"}.get(image.mode, "unsupported")
         raise ImageError(f"image {display(path)} has Pillow mode {image.mode!r} ({kind} pixels) with no standard "
@@ -192,13 +198,26 @@ def read_image(path: str | os.PathLike[str], image_format: str = "RGB") -> np.nd
         ImageError: missing / unreadable / corrupt / truncated file, unsupported mode, several frames, a side
             above the size limit.
     """
+    return _read(os.fspath(path), None, image_format)
+
+
+def decode_image(data: bytes, image_format: str = "RGB", name: str = "<bytes>") -> np.ndarray:
+    """:func:`read_image` of an encoded image held in memory (JPEG, PNG, ... bytes, e.g. a server request);
+    ``name`` stands for it in messages. Same modes, EXIF handling, size limit and errors."""
+    if len(data) == 0:
+        raise ImageError(f"image {name} is empty (0 bytes); send or pass the bytes of an encoded JPEG / PNG file")
+    return _read(name, io.BytesIO(data), image_format)
+
+
+def _read(name: str, source: IO[bytes] | None, image_format: str) -> np.ndarray:
     if image_format not in _FORMATS:
         raise UserError(f"image format {image_format!r} is not supported; use 'BGR' (detectron2's default) or "
                         "'RGB'")  # fmt: skip
-    name = os.fspath(path)
 
     def read() -> np.ndarray:
-        with _errors_named(name), _open(name) as image:
+        if source is not None:
+            source.seek(0)
+        with _errors_named(name), _open(name, source) as image:
             _check_header(name, image)
             return _to_rgb(ImageOps.exif_transpose(image))
 

@@ -105,3 +105,26 @@ def test_pillow_bomb_limit_is_replaced_by_ours(tmp_path: Path, monkeypatch: pyte
     assert Image.MAX_IMAGE_PIXELS == 100
     monkeypatch.setenv("FRCNN_MAX_IMAGE_SIDE", "64")
     assert image_io.probe_image(tmp_path / "n.png") == (64, 64)  # the limit is inclusive
+
+
+def test_bytes_calibration_and_server_requests_decode_like_files(tmp_path: Path) -> None:
+    """Every other image path reads through the one reader: 16-bit gray is round(v / 257), not white."""
+    from frcnn.export.calibration import read_image as calibration_read
+    from frcnn.runtime.serving.requests import RequestError
+    from frcnn.runtime.serving.requests import decode_image as request_decode
+
+    a = np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 21
+    Image.fromarray(a).save(tmp_path / "g16.png")
+    expected = np.repeat(((a.astype(np.int64) * 2 + 257) // 514).astype(np.uint8)[:, :, None], 3, axis=2)
+    data = (tmp_path / "g16.png").read_bytes()
+    np.testing.assert_array_equal(image_io.decode_image(data), expected)
+    np.testing.assert_array_equal(image_io.decode_image(data, "BGR"), expected[:, :, ::-1])
+    np.testing.assert_array_equal(calibration_read(str(tmp_path / "g16.png")), expected)
+    np.testing.assert_array_equal(request_decode(data), expected)
+    with pytest.raises(image_io.ImageError, match="empty"):
+        image_io.decode_image(b"")
+    with pytest.raises(RequestError, match="not a readable image"):
+        request_decode(b"GIF89a broken")
+    Image.fromarray(np.zeros((2, 3), np.float32)).save(tmp_path / "f.tiff")
+    with pytest.raises(RequestError, match="mode 'F'"):
+        request_decode((tmp_path / "f.tiff").read_bytes())

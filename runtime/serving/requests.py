@@ -11,15 +11,14 @@ its neighbours. Same-shape requests give the in-process Detector's result (withi
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from frcnn.runtime import image_io
 from frcnn.runtime.backends.base import INPUTS
 from frcnn.runtime.detector import MIN_PADDED_SIDE
 from frcnn.runtime.errors import UserError
 from frcnn.runtime.preprocess import MAX_IMAGE_SIDE
-from PIL import Image, UnidentifiedImageError
 
 
 class RequestError(UserError):
@@ -29,19 +28,20 @@ class RequestError(UserError):
 def decode_image(data: bytes) -> np.ndarray:
     """Encoded JPEG / PNG (any format Pillow reads) -> RGB uint8 [H, W, 3]; RequestError when it is not one.
 
-    The header is checked against ``MAX_IMAGE_SIDE`` before any pixel is decoded (a huge image costs nothing).
+    Decoded by the runtime's one image reader (:func:`frcnn.runtime.image_io.decode_image`: the same modes,
+    EXIF handling and size limit as image files); the size is checked from the header before any pixel is
+    decoded (a huge image costs nothing).
     """
     if len(data) == 0:
         raise RequestError("the image is empty (0 bytes): send the encoded JPEG or PNG file's bytes")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            if max(img.size) > MAX_IMAGE_SIDE:
-                raise RequestError(f"image of {img.size[0]}x{img.size[1]} pixels exceeds the supported "
-                                   f"{MAX_IMAGE_SIDE} pixels per side; downscale it before sending")
-            return np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError) as exc:
-        raise RequestError(f"the {len(data)} bytes sent are not a readable image ({type(exc).__name__}): send "
-                           "the bytes of a JPEG or PNG file") from None
+        return image_io.decode_image(data, "RGB", name=f"of {len(data)} bytes")
+    except image_io.ImageTooLargeError as exc:
+        raise RequestError(f"the image sent exceeds the supported size per side ({exc}); downscale it before "
+                           "sending") from None
+    except image_io.ImageError as exc:
+        raise RequestError(f"the {len(data)} bytes sent are not a readable image ({exc}): send the bytes of a "
+                           "JPEG or PNG file") from None
 
 
 def check_feed(images: np.ndarray, sizes: np.ndarray, divisibility: int) -> None:
