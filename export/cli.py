@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from frcnn.runtime.errors import ConfigError, UserError
+from frcnn.runtime.errors import INTERRUPTED_EXIT_CODE, ConfigError, UserError, run_command
 
 DEFAULT_CONFIG = "COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml"
 NO_TENSORRT_EXIT_CODE = 3
@@ -257,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
             state = "is unchanged" if done.get("existed") else "was not created"
             print(f"{_prog(args)}: interrupted; nothing was written ({output} {state}). Run the same command "
                   "again to export.", file=sys.stderr)  # fmt: skip
-        return 130
+        return INTERRUPTED_EXIT_CODE
 
 
 def _run(args: argparse.Namespace, done: dict[str, Any]) -> int:
@@ -300,13 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console script ``export-engine``."""
     parser = configure_parser(argparse.ArgumentParser(prog="export-engine", description=__doc__.splitlines()[0]))
     args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except UserError as exc:
-        print(f"export-engine: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_command("export-engine", lambda: args.func(args))
 
 
 if __name__ == "__main__":
