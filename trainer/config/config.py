@@ -31,7 +31,10 @@ import yaml
 from frcnn.runtime.errors import ConfigError
 
 from .compat import RENAMED, upgrade_version
-from .yaml_loading import check_loaded, load_yaml_with_base
+from .yaml_loading import BASE_KEY, PythonTag, check_loaded, load_yaml_with_base
+
+# BASE_KEY, PythonTag, load_yaml_with_base, check_loaded live in yaml_loading.py; importable from here as before.
+__all__ = ["BASE_KEY", "CfgNode", "PythonTag", "check_loaded", "load_yaml_with_base"]
 
 _VALID_TYPES = (tuple, list, str, int, float, bool, type(None))
 
