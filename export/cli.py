@@ -64,7 +64,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                         help="class names for the metadata: a file (one per line, or a .json list) or a,b,c "
                              "(default: those stored in the checkpoint)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace --output / --engine even when they are files this tool did not write")
+                        help="replace --output / --engine / the --int8 copy even when they are files this tool did "
+                        "not write")
     from frcnn.export.quantize_cli import add_int8_arguments
 
     add_int8_arguments(parser)
