@@ -10,9 +10,9 @@ Config lookup without ``--config``: the YAML the trainer stores inside the check
 Class names: ``--class-names``, else the checkpoint's ``class_names`` (stored by ``frcnn train``), else
 COCO's for 80 classes, else ``class_<k>`` (see :mod:`frcnn.export.class_names`).
 
-Existing files: ``--output`` / ``--engine`` replace a file only when it is one this tool wrote (an ONNX file
-with producer ``frcnn-deploy``; an engine with its frcnn sidecar); any other existing file is refused unless
-``--overwrite`` is given. Ctrl-C stops with exit code 130 and says what was (not) written.
+Existing files: ``--output`` / ``--engine`` / the ``--int8`` copy replace a file only when it is one this tool
+wrote (an ONNX file with producer ``frcnn-deploy``; an engine with its frcnn sidecar; an int8 ONNX); any other
+existing file is refused unless ``--overwrite`` is given (:mod:`frcnn.export.replace_policy`). Ctrl-C stops with exit code 130 and says what was (not) written.
 
 Exit codes: 0 done; 2 bad input (missing/corrupt checkpoint, config/checkpoint mismatch, unsupported opset,
 unwritable output, a file it did not write in the way; nothing is written); 3 the ONNX was written but ``--engine`` was skipped because TensorRT
@@ -24,13 +24,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from frcnn.runtime.errors import ConfigError, UserError
+from frcnn.runtime.errors import INTERRUPTED_EXIT_CODE, ConfigError, UserError, run_command
 
 DEFAULT_CONFIG = "COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml"
 NO_TENSORRT_EXIT_CODE = 3
@@ -63,7 +64,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                         help="class names for the metadata: a file (one per line, or a .json list) or a,b,c "
                              "(default: those stored in the checkpoint)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace --output / --engine even when they are files this tool did not write")
+                        help="replace --output / --engine / the --int8 copy even when they are files this tool did "
+                        "not write")
     from frcnn.export.quantize_cli import add_int8_arguments
 
     add_int8_arguments(parser)
@@ -150,6 +152,32 @@ def summary(info: dict[str, Any], path: Path, seconds: float, config_source: str
     return "exported ONNX:\n" + _table(rows)
 
 
+def onnx_output(args: argparse.Namespace) -> Path:
+    """The fp32 ONNX path of this export: ``--output``, else the checkpoint path with ``.onnx``."""
+    return Path(args.output) if args.output else Path(args.checkpoint).with_suffix(".onnx")
+
+
+def engine_command(args: argparse.Namespace, engine_path: str) -> str:
+    """The ``export-engine`` command (shell-quoted) that redoes this export, ``--int8`` copy included, and
+    builds ``engine_path`` from it: the engine must come from the same ONNX, profile and precision."""
+    parts = ["export-engine", str(args.checkpoint), "--output", str(onnx_output(args))]
+    for flag, value in (("--config", args.config), ("--class-names", args.class_names), ("--opset", args.opset)):
+        if value is not None:
+            parts += [flag, str(value)]
+    parts += ["--max-batch", str(args.max_batch)]
+    for which in ("min", "opt", "max"):
+        if getattr(args, f"{which}_size"):
+            parts += [f"--{which}-size", *(str(v) for v in getattr(args, f"{which}_size"))]
+    if args.fp16:
+        parts.append("--fp16")
+    if args.int8:
+        parts += ["--int8", "--calib-images", str(args.calib_images), "--calib-count", str(args.calib_count),
+                  "--calib-method", args.calib_method]
+        if args.int8_exclude:
+            parts += ["--int8-exclude", *args.int8_exclude]
+    return shlex.join(parts + ["--engine", str(engine_path)])
+
+
 def _build_engine(args: argparse.Namespace, onnx_path: Path, sizes: tuple[list[int], ...]) -> int:
     from frcnn.export import engine
 
@@ -160,8 +188,9 @@ def _build_engine(args: argparse.Namespace, onnx_path: Path, sizes: tuple[list[i
         frcnn_trt.current_gpu()
     except (UserError, ImportError) as exc:
         print(f"engine step skipped: building {args.engine} needs TensorRT >= 10.9 and an NVIDIA GPU ({exc}). "
-              f"The ONNX file {onnx_path} is complete; build the engine on a GPU machine with:\n"
-              f"  export-engine {args.checkpoint} --output {onnx_path} --engine {args.engine}", file=sys.stderr)
+              f"The ONNX file {onnx_path} is complete; build the engine on a GPU machine by running the export "
+              f"there again (it replaces the files it wrote):\n  {engine_command(args, args.engine)}",
+              file=sys.stderr)
         return NO_TENSORRT_EXIT_CODE
     lo, opt, hi = engine.image_profile(1, 1, args.max_batch, *sizes)
     start = time.perf_counter()
@@ -176,34 +205,6 @@ def _build_engine(args: argparse.Namespace, onnx_path: Path, sizes: tuple[list[i
     return 0
 
 
-def _ours(path: Path, kind: str) -> bool:
-    """Whether an existing ``path`` is a file this tool wrote (see the module docstring)."""
-    if kind == "engine":
-        from frcnn.export import engine
-
-        try:
-            engine.read_sidecar(path)
-        except UserError:
-            return False
-        return True
-    import onnx
-
-    try:
-        return onnx.load(str(path), load_external_data=False).producer_name == "frcnn-deploy"
-    except Exception:  # noqa: BLE001 - not an ONNX file at all (any protobuf/IO error): not ours
-        return False
-
-
-def check_replaceable(path: str | Path, overwrite: bool, option: str) -> None:
-    """UserError when ``path`` exists and is not a file this tool wrote (unless ``overwrite``)."""
-    target = Path(path)
-    if overwrite or not target.exists() or target.is_dir():
-        return
-    if not _ours(target, "engine" if option == "--engine" else "onnx"):
-        raise UserError(f"{option} {target} already exists and was not written by export-engine; pass --overwrite "
-                        f"to replace it, or choose another {option}")  # fmt: skip
-
-
 def _prog(args: argparse.Namespace) -> str:
     return "frcnn export" if getattr(args, "command", None) == "export" else "export-engine"
 
@@ -211,22 +212,23 @@ def _prog(args: argparse.Namespace) -> str:
 def _check_args(args: argparse.Namespace) -> tuple[int, Path]:
     """(opset, ONNX output path) after the checks that need no checkpoint; UserError otherwise."""
     from frcnn.export import onnx_export
+    from frcnn.export.replace_policy import check_replaceable
 
     opset = onnx_export.check_opset(args.opset if args.opset is not None else onnx_export.DEFAULT_OPSET)
     if args.fp16 and not args.engine:
         raise UserError("--fp16 applies to the TensorRT engine only; add --engine model.engine (the ONNX stays fp32)")
     if args.max_batch < 1:
         raise UserError(f"--max-batch must be >= 1, got {args.max_batch}")
-    output = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(".onnx")
+    output = onnx_output(args)
     if output.resolve() == Path(args.checkpoint).resolve():
         raise UserError(f"--output {output} is the checkpoint itself; choose another file name")
     onnx_export.check_writable(output)
-    check_replaceable(output, args.overwrite, "--output")
+    check_replaceable(output, args.overwrite, "onnx", "--output")
     if args.engine:
         if Path(args.engine).resolve() in (output.resolve(), Path(args.checkpoint).resolve()):
             raise UserError(f"--engine {args.engine} is the same file as the checkpoint or --output; choose another")
         onnx_export.check_writable(args.engine)
-        check_replaceable(args.engine, args.overwrite, "--engine")
+        check_replaceable(args.engine, args.overwrite, "engine", "--engine")
     from frcnn.export import quantize_cli
 
     quantize_cli.check_int8_arguments(args, output)
@@ -247,16 +249,16 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _run(args, done)
     except KeyboardInterrupt:
-        output = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(".onnx")
+        output = onnx_output(args)
         if "onnx" in done:
-            print(f"{_prog(args)}: interrupted while building the engine; {args.engine} was not written. The ONNX "
-                  f"file {done['onnx']} is complete; build the engine with:\n  export-engine {args.checkpoint} "
-                  f"--output {done['onnx']} --engine {args.engine}", file=sys.stderr)  # fmt: skip
+            print(f"{_prog(args)}: interrupted after writing {done['onnx']}; {args.engine} was not written. Build "
+                  f"the engine by running the export again:\n  {engine_command(args, args.engine)}",
+                  file=sys.stderr)  # fmt: skip
         else:
             state = "is unchanged" if done.get("existed") else "was not created"
             print(f"{_prog(args)}: interrupted; nothing was written ({output} {state}). Run the same command "
                   "again to export.", file=sys.stderr)  # fmt: skip
-        return 130
+        return INTERRUPTED_EXIT_CODE
 
 
 def _run(args: argparse.Namespace, done: dict[str, Any]) -> int:
@@ -291,7 +293,7 @@ def _run(args: argparse.Namespace, done: dict[str, Any]) -> int:
     if args.engine:
         return _build_engine(args, path, sizes)
     print(f"next: run it with ONNX Runtime (`frcnn infer {path} IMAGE`), or build a TensorRT engine on a GPU "
-          f"machine (`export-engine {args.checkpoint} --output {path} --engine model.engine`)")
+          f"machine (`{engine_command(args, 'model.engine')}`)")
     return 0
 
 
@@ -299,13 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console script ``export-engine``."""
     parser = configure_parser(argparse.ArgumentParser(prog="export-engine", description=__doc__.splitlines()[0]))
     args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except UserError as exc:
-        print(f"export-engine: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_command("export-engine", lambda: args.func(args))
 
 
 if __name__ == "__main__":

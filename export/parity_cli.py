@@ -25,6 +25,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from frcnn.runtime.contract import COUNT_OUTPUT, DETECTION_OUTPUT_NAMES
 from frcnn.runtime.contract import OUTPUT_NAMES as RAW_OUTPUTS
 from frcnn.runtime.errors import UserError
 from frcnn.runtime.tolerances import PARITY_BOX_ATOL, PARITY_MIN_IOU, PARITY_SCORE_ATOL
@@ -69,8 +70,8 @@ def make_backend_runner(path: str, backend: str = "auto", name: str | None = Non
 
 def valid_rows(outputs: Mapping[str, np.ndarray], counts: np.ndarray) -> OrderedDict[str, np.ndarray]:
     """num_detections as is; boxes / scores / classes as the concatenated first ``counts[i]`` rows of image i."""
-    out: OrderedDict[str, np.ndarray] = OrderedDict(num_detections=np.asarray(outputs["num_detections"]))
-    for key in ("boxes", "scores", "classes"):
+    out: OrderedDict[str, np.ndarray] = OrderedDict([(COUNT_OUTPUT, np.asarray(outputs[COUNT_OUTPUT]))])
+    for key in DETECTION_OUTPUT_NAMES:
         arr = np.asarray(outputs[key])
         out[key] = np.concatenate([arr[i, : int(n)] for i, n in enumerate(counts)], axis=0)
     return out

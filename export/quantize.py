@@ -25,7 +25,6 @@ import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -39,6 +38,7 @@ from frcnn.export.qdq_rules import (
     nodes_to_quantize,
     unshare_qdq_params,
 )
+from frcnn.export.replace_policy import check_replaceable
 from frcnn.runtime.detector import parse_metadata
 from frcnn.runtime.errors import UserError
 
@@ -146,33 +146,29 @@ def quantize_model(model: onnx.ModelProto, images: CalibrationImages, method: st
 
 def quantize_onnx(onnx_path: str | os.PathLike[str], calib_images: str | os.PathLike[str],
                   output_path: str | os.PathLike[str] | None = None, *, calib_count: int | None = DEFAULT_CALIB_COUNT,
-                  method: str = "minmax", exclude: Sequence[str] = ()) -> Path:
+                  method: str = "minmax", exclude: Sequence[str] = (), overwrite: bool = False) -> Path:
     """Write the INT8 Q/DQ copy of ``onnx_path`` (default ``model.int8.onnx`` beside it); returns its path.
 
     calib_count: the first N images (sorted names) of ``calib_images``; ``None`` uses all. method: one of
     CALIBRATION_METHODS. exclude: fnmatch patterns of node names kept fp32. Raises UserError for bad input,
-    before any quantization work; never overwrites a file that is not a frcnn int8 model.
+    before any quantization work; an existing ``output_path`` that is not a frcnn int8 model is refused
+    unless ``overwrite``.
     """
     output = Path(output_path) if output_path is not None else int8_path(onnx_path)
     if method not in CALIBRATION_METHODS:
         raise UserError(f"--calib-method {method!r} is not one of {', '.join(CALIBRATION_METHODS)}")
-    check_writable(output)
-    check_replaceable(output, onnx_path)
+    check_int8_output(output, onnx_path, overwrite, remedy="pass overwrite=True")
     model = load_frcnn_model(onnx_path)
     info = parse_metadata({p.key: p.value for p in model.metadata_props}, os.fspath(onnx_path))
     images = CalibrationImages(info, calib_images, calib_count)
     return write_atomic(quantize_model(model, images, method, exclude), output)
 
 
-def check_replaceable(output: Path, source: Any) -> None:
+def check_int8_output(output: Path, source: str | os.PathLike[str], overwrite: bool,
+                      remedy: str = "pass --overwrite") -> None:
+    """UserError unless the int8 copy of ``source`` may be written to ``output`` (writable, not ``source``
+    itself, and not an existing file other than a frcnn int8 model unless ``overwrite``)."""
     if output.resolve() == Path(source).resolve():
         raise UserError(f"the int8 output {output} is the fp32 model itself; choose another output path")
-    if not output.exists():
-        return
-    try:
-        props = {p.key: p.value for p in onnx.load(str(output), load_external_data=False).metadata_props}
-    except Exception:  # noqa: BLE001 - any unreadable file is not ours
-        props = {}
-    if props.get(PRECISION_KEY) != "int8":
-        raise UserError(f"{output} exists and is not an int8 model written by frcnn; move it away or choose "
-                        "another output path (it is never overwritten)")
+    check_writable(output)
+    check_replaceable(output, overwrite, "int8", "the int8 output", remedy)

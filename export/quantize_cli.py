@@ -54,11 +54,9 @@ def check_int8_arguments(args: argparse.Namespace, onnx_output: Path) -> None:
         raise UserError(f"--calib-count must be >= 1, got {args.calib_count}")
     for path in list_images(args.calib_images)[: args.calib_count]:  # every image decodes, before the export
         read_image(path)
-    from frcnn.export.onnx_export import check_writable
-    from frcnn.export.quantize import check_replaceable, int8_path
+    from frcnn.export.quantize import check_int8_output, int8_path
 
-    check_writable(int8_path(onnx_output))
-    check_replaceable(int8_path(onnx_output), onnx_output)
+    check_int8_output(int8_path(onnx_output), onnx_output, args.overwrite)
 
 
 def run_int8(args: argparse.Namespace, onnx_path: Path) -> Path:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from importlib.metadata import entry_points
 from typing import NamedTuple
 
-from frcnn.runtime.errors import UserError
+from frcnn.runtime.errors import USER_ERROR_EXIT_CODE, UserError, run_command
 
 ENTRY_POINT_GROUP = "frcnn.commands"
 
@@ -75,26 +75,26 @@ def _build_parser(commands: dict[str, Command], chosen: str | None) -> argparse.
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Console script ``frcnn``: exit 0 done, 2 bad input (one line), 130 Ctrl-C (``errors.run_command``)."""
     args_list = list(sys.argv[1:] if argv is None else argv)
-    try:
-        commands = discover_commands()
-        chosen = next((a for a in args_list if not a.startswith("-")), None)
-        if chosen is not None and chosen not in commands and commands.keys() == COMMANDS.keys():
-            raise UserError(f"unknown command {chosen!r}, and no package registered its commands (entry "
-                            f"points '{ENTRY_POINT_GROUP}'): the installed metadata is older than "
-                            "pyproject.toml; reinstall: `pip install -e .` (or the wheel).")
-        chosen = chosen if chosen in commands else None
-        parser = _build_parser(commands, chosen)
-        args = parser.parse_args(args_list)
-        if getattr(args, "func", None) is None:
-            parser.print_help()
-            return 2
-        return int(args.func(args) or 0)
-    except UserError as exc:
-        print(f"frcnn: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_command("frcnn", lambda: _dispatch(args_list))
+
+
+def _dispatch(args_list: list[str]) -> int:
+    """Discover the commands, import only the chosen one, parse and run it."""
+    commands = discover_commands()
+    chosen = next((a for a in args_list if not a.startswith("-")), None)
+    if chosen is not None and chosen not in commands and commands.keys() == COMMANDS.keys():
+        raise UserError(f"unknown command {chosen!r}, and no package registered its commands (entry "
+                        f"points '{ENTRY_POINT_GROUP}'): the installed metadata is older than "
+                        "pyproject.toml; reinstall: `pip install -e .` (or the wheel).")
+    chosen = chosen if chosen in commands else None
+    parser = _build_parser(commands, chosen)
+    args = parser.parse_args(args_list)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return USER_ERROR_EXIT_CODE
+    return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":

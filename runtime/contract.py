@@ -36,6 +36,10 @@ PROPOSAL_OUTPUTS: dict[str, type] = {"proposals": np.float32, "num_proposals": n
 
 INPUT_NAMES: tuple[str, ...] = tuple(INPUTS)
 OUTPUT_NAMES: tuple[str, ...] = tuple(OUTPUTS)
+COUNT_OUTPUT = "num_detections"
+"""The output that says how many leading rows of each image's per-detection outputs are valid."""
+DETECTION_OUTPUT_NAMES: tuple[str, ...] = tuple(name for name in OUTPUTS if name != COUNT_OUTPUT)
+"""The per-detection outputs (``boxes``, ``scores``, ``classes``: [B, T, ...], padding after the count)."""
 MASK_OUTPUT_NAMES: tuple[str, ...] = tuple(MASK_OUTPUTS)
 PROPOSAL_NAMES: tuple[str, ...] = tuple(PROPOSAL_OUTPUTS)
 
@@ -52,6 +56,8 @@ MIN_PADDED_SIDE = 65
 P6 level (stride 64) must be larger than 1x1. The runtime pads smaller batches up to it."""
 
 __all__ = [
+    "COUNT_OUTPUT",
+    "DETECTION_OUTPUT_NAMES",
     "INPUTS",
     "INPUT_NAMES",
     "INPUT_SHAPES",

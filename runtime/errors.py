@@ -1,4 +1,10 @@
-"""Errors that reach the user as one clear message (no traceback). Torch-free; every package uses these."""
+"""Errors that reach the user as one clear message (no traceback), and the exit codes every command maps them
+to (``run_command``). Torch-free; every package uses these."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
 
 
 class UserError(Exception):
@@ -11,3 +17,20 @@ class CheckpointError(UserError):
 
 class ConfigError(UserError):
     """A config file or override is invalid or not supported."""
+
+
+USER_ERROR_EXIT_CODE = 2  # argparse's code for a bad command line; ours for any bad input
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+
+
+def run_command(prog: str, body: Callable[[], int | None]) -> int:
+    """Run a command's ``body`` and return its exit code (None counts as 0): a ``UserError`` prints one line
+    ``<prog>: error: <message>`` to stderr and gives 2, Ctrl-C gives 130; anything else propagates (exit 1
+    with its traceback: an internal error)."""
+    try:
+        return int(body() or 0)
+    except UserError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return USER_ERROR_EXIT_CODE
+    except KeyboardInterrupt:
+        return INTERRUPTED_EXIT_CODE

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from frcnn.runtime.contract import COUNT_OUTPUT, DETECTION_OUTPUT_NAMES
 
 PRECISION_DEFAULTS = {"int8": {"min_iou": 0.9, "score_atol": 0.1, "min_match_rate": 0.9}}
 """Per precision: IoU and |score delta| for a match, and the match rate the parity verdict requires."""
@@ -61,8 +62,8 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def match_detections(ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray], min_iou: float,
                      score_atol: float) -> MatchReport:
     """Greedy matching of one image's detections (``boxes`` [N, 4], ``scores`` [N], ``classes`` [N])."""
-    rb, rs, rc = (np.asarray(ref[k]) for k in ("boxes", "scores", "classes"))
-    gb, gs, gc = (np.asarray(got[k]) for k in ("boxes", "scores", "classes"))
+    rb, rs, rc = (np.asarray(ref[k]) for k in DETECTION_OUTPUT_NAMES)  # boxes, scores, classes
+    gb, gs, gc = (np.asarray(got[k]) for k in DETECTION_OUTPUT_NAMES)
     report = MatchReport(reference=len(rs), deployed=len(gs))
     if not len(rs) or not len(gs):
         return report
@@ -83,8 +84,8 @@ def match_detections(ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray
 
 def batch_rows(outputs: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
     """The model's padded outputs (``num_detections`` [B], ``boxes`` [B, T, 4], ...) -> valid rows per image."""
-    num = np.asarray(outputs["num_detections"]).reshape(-1)
-    return [{k: np.asarray(outputs[k])[b, : int(n)] for k in ("boxes", "scores", "classes")}
+    num = np.asarray(outputs[COUNT_OUTPUT]).reshape(-1)
+    return [{k: np.asarray(outputs[k])[b, : int(n)] for k in DETECTION_OUTPUT_NAMES}
             for b, n in enumerate(num)]  # fmt: skip
 
 

@@ -44,3 +44,13 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"shared/ folder not found at {SHARED}; it holds the detectron2 reference key list")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def d2_key_shapes(shared_dir: Path) -> dict[str, tuple[int, ...]]:
+    """detectron2's R50-FPN state dict, in its order: name -> shape (shared/detectron2-r50fpn-keys.tsv)."""
+    rows = {}
+    for line in (shared_dir / "detectron2-r50fpn-keys.tsv").read_text().splitlines():
+        name, shape = line.split("\t")
+        rows[name] = tuple(int(d) for d in shape.strip("()").replace(" ", "").split(",") if d)
+    return rows

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,18 +32,9 @@ def r50_fpn() -> FPN:
     return build_backbone(_r50_cfg()).eval()
 
 
-def _read_tsv(path: Path) -> list[tuple[str, tuple[int, ...]]]:
-    rows = []
-    for line in path.read_text().splitlines():
-        name, shape = line.split("\t")
-        dims = shape.strip("()").replace(" ", "").split(",")
-        rows.append((name, tuple(int(d) for d in dims if d)))
-    return rows
-
-
-def test_r50_fpn_state_dict_equals_detectron2(r50_fpn: FPN, shared_dir: Path) -> None:
+def test_r50_fpn_state_dict_equals_detectron2(r50_fpn: FPN, d2_key_shapes: dict[str, tuple[int, ...]]) -> None:
     expected = [
-        row for row in _read_tsv(shared_dir / "detectron2-r50fpn-keys.tsv") if row[0].startswith("backbone.")
+        row for row in d2_key_shapes.items() if row[0].startswith("backbone.")
     ]
     got = [("backbone." + k, tuple(v.shape)) for k, v in r50_fpn.state_dict().items()]
     assert len(expected) == 281

@@ -3,7 +3,6 @@
 import logging
 import os
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +17,6 @@ from frcnn.trainer.checkpoint import (
 )
 from torch import nn
 
-TSV = Path("/work/shared/detectron2-r50fpn-keys.tsv")
 R50_BLOCKS = (3, 4, 6, 3)
 R101_BLOCKS = (3, 4, 23, 3)
 
@@ -236,7 +234,7 @@ def test_strict_failure_loads_nothing_and_extras_are_ignored():
     _assert_same(src, dst)
 
 
-def test_caffe2_names_are_converted_to_detectron2_names(tmp_path):
+def test_caffe2_names_are_converted_to_detectron2_names(tmp_path, d2_key_shapes):
     blobs = {
         "conv1_w": np.zeros((64, 3, 7, 7), np.float32),
         "res_conv1_bn_s": np.ones(64, np.float32),
@@ -254,9 +252,8 @@ def test_caffe2_names_are_converted_to_detectron2_names(tmp_path):
     (tmp_path / "R-50.pkl").write_bytes(pickle.dumps({"blobs": blobs}, protocol=2))
     state, meta = load_checkpoint_state(tmp_path / "R-50.pkl")
     assert meta["converted_from_c2"]
-    d2_shapes = dict(line.split("\t") for line in TSV.read_text().splitlines())
     for key, value in state.items():  # every converted name is a real detectron2 R50-FPN key and shape
-        assert d2_shapes[key] == str(tuple(value.shape)), key
+        assert d2_key_shapes[key] == tuple(value.shape), key
     assert len(state) == 9 + 6  # 9 blobs kept + mean/var for the 3 norms
     assert torch.equal(state["backbone.bottom_up.res2.0.conv1.norm.running_var"], torch.ones(64))
     assert torch.equal(state["backbone.bottom_up.stem.conv1.norm.running_mean"], torch.zeros(64))

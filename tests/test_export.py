@@ -6,6 +6,7 @@ of the small R18 model, with --engine, which exits 3 here because TensorRT is ab
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import re
@@ -183,3 +184,31 @@ def test_write_atomic_leaves_nothing_on_failure(tmp_path: Path, monkeypatch) -> 
     with pytest.raises(Exception, match="No space left"):
         onnx_export.write_atomic(onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [])), tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("extra", [
+    [],
+    ["--int8", "--calib-images", "calib dir", "--calib-count", "5", "--calib-method", "entropy",
+     "--int8-exclude", "backbone/bottom_up/stem/*"],
+    ["--fp16", "--max-batch", "2", "--min-size", "64", "96", "--opt-size", "320", "320", "--config", "my.yaml",
+     "--opset", "17", "--class-names", "a,b,c"],
+])
+def test_engine_hint_redoes_the_same_export(extra: list[str], capsys: pytest.CaptureFixture) -> None:
+    """The no-TensorRT hint (and the ``next:`` line) is a command that re-exports with the same options; with
+    --int8 it keeps the int8 options and names the fp32 --output, never the int8 file as the fp32 output."""
+    import argparse
+    import shlex
+
+    from frcnn.export.cli import _build_engine, configure_parser, engine_command
+
+    parser = configure_parser(argparse.ArgumentParser(prog="export-engine"))
+    args = parser.parse_args(["run/model.pth", "--output", "out/model.onnx", "--engine", "out/m.engine", *extra])
+    command = shlex.split(engine_command(args, args.engine))
+    assert command[0] == "export-engine"
+    again = parser.parse_args(command[1:])
+    assert vars(again) == vars(args)
+    assert again.output == "out/model.onnx"
+    if importlib.util.find_spec("tensorrt") is None:  # the hint the CLI prints when TensorRT is missing
+        onnx_path = Path("out/model.int8.onnx" if "--int8" in extra else "out/model.onnx")
+        assert _build_engine(args, onnx_path, ([64, 64], [320, 320], [640, 640])) == 3
+        assert capsys.readouterr().err.strip().splitlines()[-1].strip() == shlex.join(command)

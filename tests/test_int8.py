@@ -267,6 +267,7 @@ def test_export_cli_int8_step_writes_beside_the_onnx(quantized: tuple[Path, Path
     calib = _write_images(tmp_path / "calib", [(256, 320), (320, 256)], seed=4)
     parser = argparse.ArgumentParser()
     parser.add_argument("--fp16", action="store_true")
+    parser.add_argument("--overwrite", action="store_true")  # the export parser's; the int8 copy honours it
     add_int8_arguments(parser)
     args = parser.parse_args(["--int8", "--calib-images", str(calib), "--calib-count", "1", "--calib-method",
                               "percentile", "--int8-exclude", "backbone/bottom_up/stem/*"])  # fmt: skip
@@ -281,3 +282,33 @@ def test_export_cli_int8_step_writes_beside_the_onnx(quantized: tuple[Path, Path
     assert all(producers.get(i) != "DequantizeLinear" for i in stem.input)  # excluded: stays fp32
     with pytest.raises(UserError, match="exclude each other"):
         check_int8_arguments(parser.parse_args(["--int8", "--fp16", "--calib-images", str(calib)]), fp32)
+
+
+def test_int8_output_not_ours_is_replaced_only_with_overwrite(quantized: tuple[Path, Path], tmp_path: Path) -> None:
+    """One rule for files in the way (export/replace_policy.py): the int8 copy honours --overwrite /
+    overwrite=True like --output and --engine; an fp32 frcnn model at the int8 path is not an int8 model."""
+    import argparse
+
+    from frcnn.export import quantize_onnx
+    from frcnn.export.quantize_cli import check_int8_arguments
+
+    fp32 = tmp_path / "model.onnx"
+    shutil.copy(quantized[0], fp32)
+    calib = _write_images(tmp_path / "calib", [(128, 160)], seed=3)
+    target = tmp_path / "model.int8.onnx"
+    shutil.copy(quantized[0], target)  # a frcnn model, but fp32: not ours to replace
+    args = argparse.Namespace(int8=True, calib_images=str(calib), calib_count=1, fp16=False, int8_exclude=[],
+                              overwrite=False)  # fmt: skip
+    with pytest.raises(UserError, match=r"the int8 output .*model.int8.onnx already exists .* pass --overwrite"):
+        check_int8_arguments(args, fp32)
+    args.overwrite = True
+    check_int8_arguments(args, fp32)  # accepted
+    with pytest.raises(UserError, match="pass overwrite=True"):
+        quantize_onnx(fp32, calib, calib_count=1)
+    assert target.read_bytes() == quantized[0].read_bytes()
+    assert quantize_onnx(fp32, calib, calib_count=1, overwrite=True) == target
+    meta = {p.key: p.value for p in onnx.load(str(target), load_external_data=False).metadata_props}
+    assert meta["precision"] == "int8"
+    shutil.copy(quantized[1], target)  # an int8 model frcnn wrote: replaced without --overwrite
+    args.overwrite = False
+    check_int8_arguments(args, fp32)

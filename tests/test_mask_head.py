@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,14 +13,6 @@ from frcnn.trainer.config import get_cfg, model_zoo_config
 from frcnn.trainer.modeling import build_model
 from frcnn.trainer.modeling.mask_head import mask_rcnn_inference
 from model_utils import lively_model, random_images
-
-
-def _read_tsv(path: Path) -> dict[str, tuple[int, ...]]:
-    rows = {}
-    for line in path.read_text().splitlines():
-        name, shape = line.split("\t")
-        rows[name] = tuple(int(d) for d in shape.strip("()").replace(" ", "").split(",") if d)
-    return rows
 
 
 def detectron2_mask_head_keys(num_conv: int = 4, conv_dim: int = 256, in_channels: int = 256,
@@ -54,8 +45,8 @@ def r50_mask_model():
     return build_model(_cfg("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"))
 
 
-def test_mask_rcnn_r50_fpn_state_dict_equals_detectron2(r50_mask_model, shared_dir: Path) -> None:
-    expected = _read_tsv(shared_dir / "detectron2-r50fpn-keys.tsv")
+def test_mask_rcnn_r50_fpn_state_dict_equals_detectron2(r50_mask_model, d2_key_shapes: dict[str, tuple[int, ...]]) -> None:
+    expected = dict(d2_key_shapes)
     mask_keys = detectron2_mask_head_keys()
     # The list, spelled out: the rules above must produce exactly these.
     assert mask_keys["roi_heads.mask_head.mask_fcn4.weight"] == (256, 256, 3, 3)

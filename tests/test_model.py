@@ -4,7 +4,6 @@ detection post-processing against independent NumPy references, and whole-model 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -114,14 +113,6 @@ def _cfg(name: str):
     return cfg
 
 
-def _read_tsv(path: Path) -> dict[str, tuple[int, ...]]:
-    rows = {}
-    for line in path.read_text().splitlines():
-        name, shape = line.split("\t")
-        rows[name] = tuple(int(d) for d in shape.strip("()").replace(" ", "").split(",") if d)
-    return rows
-
-
 def _calibrate_frozen_bn(model, images: torch.Tensor, image_sizes: torch.Tensor) -> None:
     """Set every FrozenBN's statistics to its input's batch statistics (unit-scale activations, as with
     trained weights), in one forward pass: each pre-hook runs before its own layer."""
@@ -159,8 +150,8 @@ def small_model():
 # ---------------------------------------------------------------------------------------------------------
 # build_model: detectron2 checkpoint layout
 # ---------------------------------------------------------------------------------------------------------
-def test_r50_fpn_state_dict_equals_detectron2(shared_dir: Path) -> None:
-    expected = _read_tsv(shared_dir / "detectron2-r50fpn-keys.tsv")
+def test_r50_fpn_state_dict_equals_detectron2(d2_key_shapes: dict[str, tuple[int, ...]]) -> None:
+    expected = d2_key_shapes
     torch.manual_seed(0)
     model = build_model(_cfg("COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml"))
     got = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -16,7 +16,7 @@ import shlex
 import sys
 from typing import Any
 
-from frcnn.runtime.errors import ConfigError, UserError
+from frcnn.runtime.errors import INTERRUPTED_EXIT_CODE, ConfigError, UserError
 
 __all__ = ["add_parser", "build_config", "run_train"]
 
@@ -82,7 +82,7 @@ def run_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         if rank == 0:
             print(interrupted_message(args, int(cfg.SOLVER.MAX_ITER)), file=sys.stderr)
-        return 130
+        return INTERRUPTED_EXIT_CODE
     if rank == 0:  # the process group is gone by now: torchrun's RANK decides who reports
         final = summary["final_checkpoint"]
         print(f"frcnn train: iterations {summary['start_iter']}..{summary['max_iter'] - 1} done; "

@@ -210,9 +210,11 @@ def translation_entry() -> dict[Any, Any]:
         attributes=list(registered.attributes.values()))
     node = onnxscript.values.Op(onnxscript.values.Opset(DOMAIN, 1), OP_NAME, op_schema=flat_schema)
 
-    def roi_align_v2(rois: Any, features: Any, output_size: int = 7, sampling_ratio: int = 0,
-                     aligned: bool = True, canonical_box_size: float = 224.0, canonical_level: int = 4,
-                     min_level: int = 2) -> Any:
+    def roi_align_v2(rois: Any, features: Any, output_size: int = int(DEFAULTS["output_size"]),
+                     sampling_ratio: int = int(DEFAULTS["sampling_ratio"]), aligned: bool = bool(DEFAULTS["aligned"]),
+                     canonical_box_size: float = float(DEFAULTS["canonical_box_size"]),
+                     canonical_level: int = int(DEFAULTS["canonical_level"]),
+                     min_level: int = int(DEFAULTS["min_level"])) -> Any:
         """rois [B, R, 4], features list of [B, C, H_l, W_l] -> one frcnn::ROIAlignV2 node."""
         attrs = _node_attributes(output_size, sampling_ratio, aligned, canonical_box_size,
                                  canonical_level, min_level, len(features))

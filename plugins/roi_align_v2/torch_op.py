@@ -21,7 +21,7 @@ from __future__ import annotations
 import warnings
 
 import torch
-from frcnn.plugins.roi_align_v2 import TORCH_OP
+from frcnn.plugins.roi_align_v2 import DEFAULTS, TORCH_OP
 from torch import Tensor
 
 __all__ = ["assign_box_levels", "roi_align_v2"]
@@ -31,8 +31,8 @@ def assign_box_levels(
     rois: Tensor,
     min_level: int,
     max_level: int,
-    canonical_box_size: float = 224.0,
-    canonical_level: int = 4,
+    canonical_box_size: float = float(DEFAULTS["canonical_box_size"]),
+    canonical_level: int = int(DEFAULTS["canonical_level"]),
 ) -> Tensor:
     """Level of each box, 0-based from ``min_level`` (detectron2 ``assign_boxes_to_levels``).
 
@@ -281,12 +281,12 @@ _roi_align_v2_op.register_autograd(_backward, setup_context=_setup_context)
 def roi_align_v2(
     rois: Tensor,
     features: list[Tensor],
-    output_size: int = 7,
-    sampling_ratio: int = 0,
-    aligned: bool = True,
-    canonical_box_size: float = 224.0,
-    canonical_level: int = 4,
-    min_level: int = 2,
+    output_size: int = int(DEFAULTS["output_size"]),
+    sampling_ratio: int = int(DEFAULTS["sampling_ratio"]),
+    aligned: bool = bool(DEFAULTS["aligned"]),
+    canonical_box_size: float = float(DEFAULTS["canonical_box_size"]),
+    canonical_level: int = int(DEFAULTS["canonical_level"]),
+    min_level: int = int(DEFAULTS["min_level"]),
 ) -> Tensor:
     """Multi-level ROIAlign of detectron2's ``ROIPooler(ROIAlignV2)`` (``torch.ops.frcnn.roi_align_v2``).
 

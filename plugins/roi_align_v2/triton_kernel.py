@@ -185,7 +185,8 @@ def constexprs(
     }
 
 
-def launch_grid(batch: int, rois_per_image: int, channels: int, output_size: int = 7) -> tuple[int, int, int]:
+def launch_grid(batch: int, rois_per_image: int, channels: int,
+                output_size: int = int(DEFAULTS["output_size"])) -> tuple[int, int, int]:
     """Grid (x, y, z) for ``batch * rois_per_image`` ROIs of ``channels`` channels; block = 32 * NUM_WARPS."""
     return (batch * rois_per_image, triton.cdiv(channels * output_size * output_size, BLOCK), 1)
 
@@ -193,12 +194,12 @@ def launch_grid(batch: int, rois_per_image: int, channels: int, output_size: int
 def roi_align_v2_triton(
     rois,
     features: Sequence,
-    output_size: int = 7,
-    sampling_ratio: int = 0,
-    aligned: bool = True,
-    canonical_box_size: float = 224.0,
-    canonical_level: int = 4,
-    min_level: int = 2,
+    output_size: int = int(DEFAULTS["output_size"]),
+    sampling_ratio: int = int(DEFAULTS["sampling_ratio"]),
+    aligned: bool = bool(DEFAULTS["aligned"]),
+    canonical_box_size: float = float(DEFAULTS["canonical_box_size"]),
+    canonical_level: int = int(DEFAULTS["canonical_level"]),
+    min_level: int = int(DEFAULTS["min_level"]),
 ):
     """Launch the kernel on torch tensors (CUDA, or CPU under ``TRITON_INTERPRET=1``).
 

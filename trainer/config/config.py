@@ -23,7 +23,6 @@ from __future__ import annotations
 import ast
 import copy
 import difflib
-import logging
 import os
 from collections.abc import Iterable
 from typing import Any
@@ -31,36 +30,14 @@ from typing import Any
 import yaml
 from frcnn.runtime.errors import ConfigError
 
-BASE_KEY = "_BASE_"
-_VALID_TYPES = (tuple, list, str, int, float, bool, type(None))
-_logger = logging.getLogger(__name__)
+from .compat import RENAMED, upgrade_version
+from .yaml_loading import BASE_KEY, PythonTag, check_loaded, load_yaml_with_base
 
-# detectron2 config/compat.py: (old name, new name) for upgrading VERSION 1 files to VERSION 2.
-_RENAMED_V1_TO_V2 = (
-    ("MODEL.RPN_HEAD.NAME", "MODEL.RPN.HEAD_NAME"),
-    ("MODEL.WEIGHT", "MODEL.WEIGHTS"),
-    ("MODEL.PANOPTIC_FPN.SEMANTIC_LOSS_SCALE", "MODEL.SEM_SEG_HEAD.LOSS_WEIGHT"),
-    ("MODEL.PANOPTIC_FPN.RPN_LOSS_SCALE", "MODEL.RPN.LOSS_WEIGHT"),
-    ("MODEL.PANOPTIC_FPN.INSTANCE_LOSS_SCALE", "MODEL.PANOPTIC_FPN.INSTANCE_LOSS_WEIGHT"),
-    ("MODEL.PANOPTIC_FPN.COMBINE_ON", "MODEL.PANOPTIC_FPN.COMBINE.ENABLED"),
-    ("MODEL.PANOPTIC_FPN.COMBINE_OVERLAP_THRESHOLD", "MODEL.PANOPTIC_FPN.COMBINE.OVERLAP_THRESH"),
-    ("MODEL.PANOPTIC_FPN.COMBINE_STUFF_AREA_LIMIT", "MODEL.PANOPTIC_FPN.COMBINE.STUFF_AREA_LIMIT"),
-    (
-        "MODEL.PANOPTIC_FPN.COMBINE_INSTANCES_CONFIDENCE_THRESHOLD",
-        "MODEL.PANOPTIC_FPN.COMBINE.INSTANCES_CONFIDENCE_THRESH",
-    ),
-    ("MODEL.ROI_HEADS.SCORE_THRESH", "MODEL.ROI_HEADS.SCORE_THRESH_TEST"),
-    ("MODEL.ROI_HEADS.NMS", "MODEL.ROI_HEADS.NMS_THRESH_TEST"),
-    ("MODEL.RETINANET.INFERENCE_SCORE_THRESHOLD", "MODEL.RETINANET.SCORE_THRESH_TEST"),
-    ("MODEL.RETINANET.INFERENCE_TOPK_CANDIDATES", "MODEL.RETINANET.TOPK_CANDIDATES_TEST"),
-    ("MODEL.RETINANET.INFERENCE_NMS_THRESHOLD", "MODEL.RETINANET.NMS_THRESH_TEST"),
-    ("TEST.DETECTIONS_PER_IMG", "TEST.DETECTIONS_PER_IMAGE"),
-    ("TEST.AUG_ON", "TEST.AUG.ENABLED"),
-    ("TEST.AUG_MIN_SIZES", "TEST.AUG.MIN_SIZES"),
-    ("TEST.AUG_MAX_SIZE", "TEST.AUG.MAX_SIZE"),
-    ("TEST.AUG_FLIP", "TEST.AUG.FLIP"),
-)
-_RENAMED = dict(_RENAMED_V1_TO_V2)
+# BASE_KEY, PythonTag, load_yaml_with_base, check_loaded live in yaml_loading.py; importable from here as before.
+__all__ = ["BASE_KEY", "CfgNode", "PythonTag", "check_loaded", "load_yaml_with_base"]
+
+_VALID_TYPES = (tuple, list, str, int, float, bool, type(None))
+
 
 
 class CfgNode(dict):
@@ -141,7 +118,7 @@ class CfgNode(dict):
         filename = os.fspath(cfg_filename)
         loaded = load_yaml_with_base(filename)
         check_loaded(loaded, filename)
-        loaded = _upgrade_version(loaded, filename, self.get("VERSION", 2))
+        loaded = upgrade_version(loaded, filename, self.get("VERSION", 2))
         self._assert_mutable("merge_from_file")
         _merge_a_into_b(CfgNode(loaded, new_allowed=True), self, self, [], source=filename)
 
@@ -159,9 +136,9 @@ class CfgNode(dict):
                 f"config overrides must be KEY VALUE pairs, got an odd number of items: {list(cfg_list)}"
             )
         for full_key, raw in zip(cfg_list[0::2], cfg_list[1::2]):
-            if full_key in _RENAMED:
+            if full_key in RENAMED:
                 raise ConfigError(
-                    f"config key {full_key!r} was renamed to {_RENAMED[full_key]!r} (detectron2 config "
+                    f"config key {full_key!r} was renamed to {RENAMED[full_key]!r} (detectron2 config "
                     f"VERSION 2); use the new name"
                 )
             node = self
@@ -204,193 +181,6 @@ def _rebuild(cls: type, items: dict, frozen: bool, new_allowed: bool) -> CfgNode
     if frozen:
         node.freeze()
     return node
-
-
-# ---- YAML loading with _BASE_ -------------------------------------------------------------------------
-def load_yaml_with_base(filename: str, _chain: tuple[str, ...] = ()) -> dict:
-    """Load a YAML file (safe loader) and resolve its ``_BASE_`` chain into one nested dict."""
-    real = os.path.realpath(filename)
-    if real in _chain:
-        raise ConfigError(f"config file {filename!r}: _BASE_ cycle: {' -> '.join(_chain + (real,))}")
-    cfg = _read_yaml(filename, _chain)
-    if BASE_KEY not in cfg:
-        return cfg
-    bases = cfg.pop(BASE_KEY)
-    bases = bases if isinstance(bases, list) else [bases]
-    merged: dict = {}
-    for base in bases:
-        if not isinstance(base, str):
-            raise ConfigError(f"config file {filename!r}: {BASE_KEY} must be a path string, got {base!r}")
-        if base.startswith(("http://", "https://")):
-            raise ConfigError(f"config file {filename!r}: {BASE_KEY} {base!r} is a URL; download it and "
-                              f"name a local file instead")
-        base = os.path.expanduser(base)
-        if not os.path.isabs(base):
-            base = os.path.join(os.path.dirname(filename), base)
-        _merge_dicts(load_yaml_with_base(base, _chain + (real,)), merged, base)
-    _merge_dicts(cfg, merged, filename)
-    return merged
-
-
-class PythonTag:
-    """A ``!!python/...`` YAML value (e.g. Base-RetinaNet.yaml's ``!!python/object/apply:eval``): never run."""
-
-    def __init__(self, tag: str) -> None:
-        self.tag = tag
-
-    def __repr__(self) -> str:
-        return f"!!{self.tag.removeprefix('tag:yaml.org,2002:')}"
-
-
-class _TagTolerantLoader(yaml.SafeLoader):
-    """The safe loader, except that ``!!python/...`` values load as inert :class:`PythonTag` markers, so that
-    a file using them can be refused for what it is (an unsupported model, a key to write out literally)."""
-
-
-_TagTolerantLoader.add_multi_constructor("tag:yaml.org,2002:python/", lambda _loader, suffix, _node:
-                                         PythonTag("python/" + suffix))  # fmt: skip
-
-
-def _read_yaml(filename: str, chain: tuple[str, ...]) -> dict:
-    """One YAML file -> dict; ConfigError naming the file and the fix for anything a config cannot be."""
-    hint = f" (named as _BASE_ in {chain[-1]!r})" if chain else ""
-    if os.path.isdir(filename):
-        raise ConfigError(f"config file {filename!r}{hint} is a directory; pass a YAML file such as "
-                          f"{os.path.join(filename, 'config.yaml')!r}")  # fmt: skip
-    if not os.path.isfile(filename):
-        raise ConfigError(f"config file {filename!r} does not exist{hint}; check the path")
-    try:
-        with open(filename, "rb") as f:
-            raw = f.read()
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {filename!r}{hint}: {exc.strerror or exc}") from None
-    if b"\0" in raw[:8192]:
-        raise ConfigError(f"config file {filename!r}{hint} is a binary file, not YAML text (a checkpoint or "
-                          "an image?); pass the YAML config")  # fmt: skip
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"config file {filename!r}{hint} is not UTF-8 text (byte {exc.start}: "
-                          f"{raw[exc.start:exc.start + 1]!r}); save it as UTF-8") from None  # fmt: skip
-    try:
-        cfg = yaml.load(text, Loader=_TagTolerantLoader)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {filename!r}{hint} is not valid YAML: {exc}") from None
-    if cfg is None:
-        cfg = {}
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"config file {filename!r}{hint} must hold a mapping of KEY: value lines, got a "
-                          f"{type(cfg).__name__}")  # fmt: skip
-    _check_keys(cfg, filename, "")
-    return cfg
-
-
-def _check_keys(node: dict, filename: str, prefix: str) -> None:
-    for key, value in node.items():
-        if not isinstance(key, str):
-            raise ConfigError(f"config file {filename!r}: key {prefix}{key!r} is a {type(key).__name__}; config "
-                              "keys are names such as SOLVER or BASE_LR")  # fmt: skip
-        if isinstance(value, dict):
-            _check_keys(value, filename, f"{prefix}{key}.")
-
-
-def check_loaded(cfg: dict, filename: str) -> None:
-    """Refuse a loaded file for a model frcnn does not build (by META_ARCHITECTURE, before any key is
-    checked) and values a safe loader does not evaluate (``!!python/...``), naming the key."""
-    arch = _get(cfg, "MODEL.META_ARCHITECTURE")
-    if arch is not None and arch != "GeneralizedRCNN":
-        raise ConfigError(f"config file {filename!r} is for the model MODEL.META_ARCHITECTURE {arch!r}, which "
-                          "frcnn does not build: it supports detectron2's Faster R-CNN (GeneralizedRCNN with "
-                          "a ResNet-FPN backbone); start from e.g. COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml")
-    for key, value in _leaves(cfg):
-        if isinstance(value, PythonTag):
-            raise ConfigError(f"config file {filename!r}: {key} uses the YAML tag {value!r}, which frcnn does "
-                              "not evaluate (it would run code); write the value out literally")
-
-
-def _leaves(node: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            yield from _leaves(value, f"{prefix}{key}.")
-    elif isinstance(node, (list, tuple)):
-        for value in node:
-            yield from _leaves(value, prefix)
-    else:
-        yield prefix.rstrip("."), node
-
-
-def _merge_dicts(a: dict, b: dict, filename: str) -> None:
-    """Merge plain dict ``a`` into ``b`` (values of ``a`` win), like detectron2's load_yaml_with_base."""
-    for key, value in a.items():
-        if isinstance(value, dict) and key in b:
-            if not isinstance(b[key], dict):
-                raise ConfigError(f"config file {filename!r}: key {key!r} is a mapping here but a value in "
-                                  f"its {BASE_KEY}")
-            _merge_dicts(value, b[key], filename)
-        else:
-            b[key] = value
-
-
-def _upgrade_version(cfg: dict, filename: str, current: int) -> dict:
-    """Apply detectron2's v1 -> v2 key renames to a loaded (partial) config; reject unknown versions."""
-    version = cfg.get("VERSION")
-    if version is None:
-        version = 1 if (_has(cfg, "MODEL.WEIGHT") or _has(cfg, "TEST.AUG_ON")) else current
-    if not isinstance(version, int) or version > current or version < 1:
-        raise ConfigError(f"config file {filename!r} has VERSION {version!r}; this reader understands "
-                          f"detectron2 config versions 1..{current}")
-    if version == current:
-        return cfg
-    _logger.warning("Loading an old v%s config file %r by upgrading it to v%s.", version, filename, current)
-    cfg = copy.deepcopy(cfg)
-    for old, new in _RENAMED_V1_TO_V2:
-        _rename(cfg, old, new)
-    retinanet = _get(cfg, "MODEL.META_ARCHITECTURE") == "RetinaNet"
-    family, other = ("MODEL.RETINANET", "MODEL.RPN") if retinanet else ("MODEL.RPN", "MODEL.RETINANET")
-    _rename(cfg, f"{family}.ANCHOR_ASPECT_RATIOS", "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS")
-    _rename(cfg, f"{family}.ANCHOR_SIZES", "MODEL.ANCHOR_GENERATOR.SIZES")
-    for dropped in (f"{other}.ANCHOR_SIZES", f"{other}.ANCHOR_ASPECT_RATIOS", "MODEL.RETINANET.ANCHOR_STRIDES"):
-        _pop(cfg, dropped)
-    cfg["VERSION"] = current
-    return cfg
-
-
-def _has(cfg: dict, name: str) -> bool:
-    return _get(cfg, name, _MISSING) is not _MISSING
-
-
-_MISSING = object()
-
-
-def _get(cfg: dict, name: str, default: Any = None) -> Any:
-    node: Any = cfg
-    for part in name.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return default
-        node = node[part]
-    return node
-
-
-def _pop(cfg: dict, name: str) -> Any:
-    *parents, last = name.split(".")
-    node = _get(cfg, ".".join(parents)) if parents else cfg
-    if not isinstance(node, dict) or last not in node:
-        return _MISSING
-    value = node.pop(last)
-    if parents and not node:  # drop emptied parents, as detectron2's _rename does
-        _pop(cfg, ".".join(parents))
-    return value
-
-
-def _rename(cfg: dict, old: str, new: str) -> None:
-    value = _pop(cfg, old)
-    if value is _MISSING:
-        return
-    node = cfg
-    *parents, last = new.split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[last] = value
 
 
 # ---- typed merge ----------------------------------------------------------------------------------------
@@ -468,8 +258,8 @@ def _all_keys(node: CfgNode, prefix: str = "") -> Iterable[str]:
 
 def _unknown_key_error(full_key: str, root: CfgNode, source: str | None) -> ConfigError:
     where = f"config file {source!r}: " if source else ""
-    if full_key in _RENAMED:
-        return ConfigError(f"{where}config key {full_key!r} was renamed to {_RENAMED[full_key]!r} "
+    if full_key in RENAMED:
+        return ConfigError(f"{where}config key {full_key!r} was renamed to {RENAMED[full_key]!r} "
                            f"(detectron2 config VERSION 2); use the new name or set VERSION: 1")
     close = difflib.get_close_matches(full_key, list(_all_keys(root)), n=3, cutoff=0.6)
     hint = f"; did you mean {' or '.join(close)}?" if close else "; it is not a detectron2 config key"

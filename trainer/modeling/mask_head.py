@@ -22,8 +22,9 @@ from frcnn.runtime.errors import ConfigError
 from torch import Tensor, nn
 
 from .layers import Conv2d, ShapeSpec, c2_msra_fill, get_norm
+from .poolers import ROIPooler
 
-__all__ = ["MaskRCNNConvUpsampleHead", "mask_rcnn_inference"]
+__all__ = ["MaskRCNNConvUpsampleHead", "build_mask_branch", "mask_rcnn_inference"]
 
 
 class MaskRCNNConvUpsampleHead(nn.Sequential):
@@ -86,3 +87,17 @@ def mask_rcnn_inference(mask_logits: Tensor, classes: Tensor) -> Tensor:
     probs = torch.gather(mask_logits, 2, index).squeeze(2).sigmoid()
     kept = (classes >= 0).view(*classes.shape, 1, 1)
     return torch.where(kept, probs, torch.zeros_like(probs))
+
+
+def build_mask_branch(cfg, in_features: list[str], scales: list[float], channels: int) -> dict:
+    """mask_in_features / mask_pooler / mask_head of detectron2's ``StandardROIHeads._init_mask_head``."""
+    mask = cfg.MODEL.ROI_MASK_HEAD
+    if mask.POOLER_TYPE != "ROIAlignV2":
+        raise ConfigError(f"MODEL.ROI_MASK_HEAD.POOLER_TYPE {mask.POOLER_TYPE!r} is not supported; use 'ROIAlignV2'.")
+    if mask.NAME != "MaskRCNNConvUpsampleHead":
+        raise ConfigError(f"MODEL.ROI_MASK_HEAD.NAME {mask.NAME!r} is not supported; use 'MaskRCNNConvUpsampleHead'.")
+    res = mask.POOLER_RESOLUTION
+    pooler = ROIPooler(output_size=res, scales=scales, sampling_ratio=mask.POOLER_SAMPLING_RATIO)
+    shape = ShapeSpec(channels=channels, height=res, width=res)
+    head = MaskRCNNConvUpsampleHead(**MaskRCNNConvUpsampleHead.from_config(cfg, shape))
+    return {"mask_in_features": in_features, "mask_pooler": pooler, "mask_head": head}

@@ -1,4 +1,4 @@
-"""ROI heads: multi-level ROIAlignV2 pooler, FastRCNNConvFCHead, FastRCNNOutputLayers, StandardROIHeads.
+"""ROI heads: FastRCNNConvFCHead, FastRCNNOutputLayers, StandardROIHeads.
 
 Inference reproduces detectron2's `fast_rcnn_inference_single_image` per image, batched and fixed-size:
 softmax over K+1 classes, drop the background (last) column; class-specific decode of the proposals with
@@ -13,7 +13,6 @@ Training losses (proposal matching and sampling, softmax CE + box regression) pl
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -23,7 +22,8 @@ from torch import Tensor, nn
 
 from .box_transform import Box2BoxTransform
 from .layers import Conv2d, ShapeSpec, c2_msra_fill, c2_xavier_fill, get_norm
-from .mask_head import MaskRCNNConvUpsampleHead, mask_rcnn_inference
+from .mask_head import MaskRCNNConvUpsampleHead, build_mask_branch, mask_rcnn_inference
+from .poolers import ROIPooler
 from .roi_losses import FastRCNNLossSettings, ROISamplingSettings, roi_head_losses
 from .rpn import clip_boxes
 
@@ -35,60 +35,6 @@ __all__ = [
     "build_roi_heads",
     "fast_rcnn_inference",
 ]
-
-
-class ROIPooler(nn.Module):
-    """Multi-level ROIAlignV2 over consecutive pyramid levels (detectron2 `ROIPooler`), via frcnn::roi_align_v2.
-
-    Args:
-        output_size: side of the pooled grid (7).
-        scales: per level 1 / stride, consecutive powers of 1/2 (e.g. 1/4 .. 1/32).
-        sampling_ratio: samples per bin and axis, 0 = adaptive.
-        canonical_box_size / canonical_level: level-assignment constants (224, 4).
-    """
-
-    def __init__(
-        self,
-        output_size: int,
-        scales: Sequence[float],
-        sampling_ratio: int,
-        canonical_box_size: float = 224.0,
-        canonical_level: int = 4,
-    ) -> None:
-        super().__init__()
-        levels = [-math.log2(s) for s in scales]
-        if any(abs(lv - round(lv)) > 1e-6 for lv in levels) or [round(lv) for lv in levels] != list(
-            range(round(levels[0]), round(levels[0]) + len(levels))
-        ):
-            raise ConfigError(
-                f"pooler scales {list(scales)} must be consecutive powers of 1/2 (strides 4, 8, ...)."
-            )
-        self.output_size = int(output_size)
-        self.sampling_ratio = int(sampling_ratio)
-        self.canonical_box_size = float(canonical_box_size)
-        self.canonical_level = int(canonical_level)
-        self.min_level = round(levels[0])
-        self.max_level = round(levels[-1])
-
-    def forward(self, features: Sequence[Tensor], boxes: Tensor) -> Tensor:
-        """features: per level Tensor[B, C, H_l, W_l]; boxes: Tensor[B, R, 4] (input pixels) ->
-        Tensor[B, R, C, output_size, output_size]."""
-        from frcnn.plugins.roi_align_v2.torch_op import roi_align_v2
-
-        if len(features) != self.max_level - self.min_level + 1:
-            raise ValueError(
-                f"ROIPooler expects {self.max_level - self.min_level + 1} levels, got {len(features)}."
-            )
-        return roi_align_v2(
-            boxes,
-            list(features),
-            output_size=self.output_size,
-            sampling_ratio=self.sampling_ratio,
-            aligned=True,
-            canonical_box_size=self.canonical_box_size,
-            canonical_level=self.canonical_level,
-            min_level=self.min_level,
-        )
 
 
 class FastRCNNConvFCHead(nn.Sequential):
@@ -339,7 +285,7 @@ class StandardROIHeads(nn.Module):
                 iou_labels=tuple(int(label) for label in heads.IOU_LABELS),
                 proposal_append_gt=bool(heads.PROPOSAL_APPEND_GT),
             ),
-            **(_mask_branch(cfg, in_features, scales, in_channels) if cfg.MODEL.MASK_ON else {}),
+            **(build_mask_branch(cfg, in_features, scales, in_channels) if cfg.MODEL.MASK_ON else {}),
         }
 
     def box_predictions(self, features: dict[str, Tensor], boxes: Tensor) -> tuple[Tensor, Tensor]:
@@ -408,20 +354,6 @@ class StandardROIHeads(nn.Module):
     ) -> dict[str, Tensor]:
         """Label and sample the proposals against the targets, then {"loss_cls", "loss_box_reg"} (+ "loss_mask")."""
         return roi_head_losses(self, features, proposals, num_proposals, image_sizes, targets)
-
-
-def _mask_branch(cfg, in_features: list[str], scales: list[float], channels: int) -> dict:
-    """mask_in_features / mask_pooler / mask_head of detectron2's ``StandardROIHeads._init_mask_head``."""
-    mask = cfg.MODEL.ROI_MASK_HEAD
-    if mask.POOLER_TYPE != "ROIAlignV2":
-        raise ConfigError(f"MODEL.ROI_MASK_HEAD.POOLER_TYPE {mask.POOLER_TYPE!r} is not supported; use 'ROIAlignV2'.")
-    if mask.NAME != "MaskRCNNConvUpsampleHead":
-        raise ConfigError(f"MODEL.ROI_MASK_HEAD.NAME {mask.NAME!r} is not supported; use 'MaskRCNNConvUpsampleHead'.")
-    res = mask.POOLER_RESOLUTION
-    pooler = ROIPooler(output_size=res, scales=scales, sampling_ratio=mask.POOLER_SAMPLING_RATIO)
-    shape = ShapeSpec(channels=channels, height=res, width=res)
-    head = MaskRCNNConvUpsampleHead(**MaskRCNNConvUpsampleHead.from_config(cfg, shape))
-    return {"mask_in_features": in_features, "mask_pooler": pooler, "mask_head": head}
 
 
 def build_roi_heads(cfg, input_shape: dict[str, ShapeSpec]) -> StandardROIHeads:
