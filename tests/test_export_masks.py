@@ -115,9 +115,9 @@ def test_ort_masks_match_pytorch(detector, case: str) -> None:
 
 
 def test_deployed_segm_ap_equals_pytorch(onnx_path: Path, tmp_path: Path) -> None:
-    from frcnn.runtime.eval_deployed import evaluate_deployed, format_delta
     from frcnn.trainer.data import load_coco_split, synthesize_dataset
     from frcnn.trainer.engine.inference import evaluate_model
+    from frcnn.trainer.eval_deployed import evaluate_deployed, format_delta
 
     synthesize_dataset(tmp_path / "ds", num_images=8, size=128, num_classes=3, seed=1, val_fraction=0.5)
     cfg, model = mask_model()

@@ -122,7 +122,7 @@ def test_model_training_has_a_mask_loss_that_falls() -> None:
     with torch.no_grad():
         features = model.backbone(model.preprocess(images, sizes))
         proposals, num, _ = model.proposal_generator.eval()(features, sizes)
-        samples = label_and_sample_proposals(heads, proposals, num, targets)
+        samples = label_and_sample_proposals(heads.sampling, heads.num_classes, proposals, num, targets)
     optim = torch.optim.Adam(heads.mask_head.parameters(), lr=3e-3)
     history = []
     for _ in range(12):
