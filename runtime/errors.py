@@ -25,7 +25,8 @@ INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 def run_command(prog: str, body: Callable[[], int | None]) -> int:
     """Run a command's ``body`` and return its exit code (None counts as 0): a ``UserError`` prints one line
-    ``<prog>: error: <message>`` to stderr and gives 2, Ctrl-C gives 130. An ``OSError`` that no check
+    ``<prog>: error: <message>`` to stderr and gives 2, Ctrl-C gives 130 with one line (commands that have
+    more to say, such as ``frcnn train``'s resume command, catch it themselves and return 130). An ``OSError`` that no check
     anticipated (a file system turned read-only, a full disk, a path that vanished mid-run) and running out
     of memory are the machine's state, not a bug: one line naming them, exit 2. Anything else propagates
     (exit 1 with its traceback: an internal error)."""
@@ -44,4 +45,6 @@ def run_command(prog: str, body: Callable[[], int | None]) -> int:
               "memory", file=sys.stderr)
         return USER_ERROR_EXIT_CODE
     except KeyboardInterrupt:
+        print(f"{prog}: interrupted (Ctrl-C); files are written whole or not at all, so nothing half-written "
+              "is left", file=sys.stderr)
         return INTERRUPTED_EXIT_CODE

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 from frcnn.runtime.backends import check_model_file, resolve_backend
-from frcnn.runtime.errors import UserError
+from frcnn.runtime.errors import INTERRUPTED_EXIT_CODE, UserError
 from frcnn.runtime.fileio import atomic_write_json, atomic_writer
 from frcnn.runtime.image_io import ImageError, probe_image, read_rgb
 from frcnn.runtime.infer_output import RESULTS, OutputFolder, display, plan_outputs
@@ -210,7 +210,7 @@ def run_infer(args: argparse.Namespace) -> int:
             folder.finish()
     except KeyboardInterrupt:
         print("frcnn infer: interrupted; the files this run had written were removed", file=sys.stderr)
-        raise
+        return INTERRUPTED_EXIT_CODE
     except OSError as exc:  # full disk, file system gone read-only, ...
         raise UserError(f"cannot write into --output {display(args.output)}: {exc.strerror or exc}; the files "
                         "this run had written were removed: free space or pick another folder") from None

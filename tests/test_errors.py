@@ -38,6 +38,8 @@ def test_bad_state_is_one_line_and_exit_2(exc: BaseException, words: str, capsys
 
 def test_ctrl_c_is_130_and_bugs_propagate(capsys) -> None:
     assert run_command("frcnn", _raise(KeyboardInterrupt())) == INTERRUPTED_EXIT_CODE
+    err = capsys.readouterr().err
+    assert err.startswith("frcnn: interrupted (Ctrl-C)") and len(err.strip().splitlines()) == 1, err
     assert run_command("frcnn", lambda: None) == 0 and run_command("frcnn", lambda: 3) == 3
     with pytest.raises(ZeroDivisionError):
         run_command("frcnn", _raise(ZeroDivisionError("a bug")))
