@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from frcnn.runtime import image_io
 from frcnn.runtime.backends.base import INPUTS
-from frcnn.runtime.detector import MIN_PADDED_SIDE
+from frcnn.runtime.contract import MIN_PADDED_SIDE
 from frcnn.runtime.errors import UserError
 from frcnn.runtime.preprocess import MAX_IMAGE_SIDE
 

@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils  # provided by Triton's python backend
 from frcnn.runtime.backends.triton import METADATA_PARAMETER
-from frcnn.runtime.detector import MIN_PADDED_SIDE, Detections, pad_to_min_side, parse_metadata
-from frcnn.runtime.postprocess import postprocess_batch
+from frcnn.runtime.contract import OUTPUT_NAMES
+from frcnn.runtime.detector import model_feed, parse_metadata
+from frcnn.runtime.postprocess import postprocess_detections
 from frcnn.runtime.preprocess import Preprocessor
 from frcnn.runtime.serving.requests import RequestError, decode_image
 
@@ -59,16 +60,16 @@ class TritonPythonModel:
         if data.size != 1:
             raise RequestError(f"send one encoded image per request, got {data.size}")
         batch = self.preprocessor([decode_image(bytes(data[0]))])
-        images = pad_to_min_side(batch["images"], MIN_PADDED_SIDE, self.info.size_divisibility)
-        return {"images": images, "image_sizes": batch["image_sizes"].astype(np.int32),
+        feed = model_feed(batch, self.info.size_divisibility)
+        return {"images": feed["images"], "image_sizes": feed["image_sizes"].astype(np.int32),
                 "original_sizes": batch["original_sizes"].astype(np.int32)}  # fmt: skip
 
     def _postprocess(self, request: Any) -> dict[str, np.ndarray]:
-        outputs = {n: self._input(request, n) for n in ("num_detections", "boxes", "scores", "classes")}
+        outputs = {n: self._input(request, n) for n in OUTPUT_NAMES}
         outputs["num_detections"] = outputs["num_detections"].reshape(-1)
-        (boxes, scores, classes), = postprocess_batch(outputs, self._input(request, "image_sizes"),
-                                                      self._input(request, "original_sizes"))  # fmt: skip
-        names = Detections(boxes, scores, classes, self.info.class_names).labels()
+        dets, = postprocess_detections(outputs, self._input(request, "image_sizes"),
+                                       self._input(request, "original_sizes"), self.info.class_names)
+        boxes, scores, classes, names = dets.boxes, dets.scores, dets.classes, dets.labels()
         labels = np.array([[n.encode() for n in names]], dtype=np.object_).reshape(1, len(names))
         return {"num_detections": np.array([[len(names)]], np.int32),
                 "boxes": _pad1(boxes.astype(np.float32)[None]), "scores": _pad1(scores.astype(np.float32)[None]),
