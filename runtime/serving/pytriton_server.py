@@ -29,7 +29,7 @@ from frcnn.runtime.backends.base import OUTPUTS
 from frcnn.runtime.backends.triton import ERROR_OUTPUT, METADATA_PARAMETER
 from frcnn.runtime.detector import Detector
 from frcnn.runtime.errors import UserError
-from frcnn.runtime.serving.requests import RequestError, check_feed, decode_image, run_grouped
+from frcnn.runtime.serving.requests import RequestError, check_feed, decode_image, pad_axis1, run_grouped
 
 DETECTOR_MODEL = "frcnn"
 IMAGE_MODEL = "frcnn_image"
@@ -98,19 +98,12 @@ def _run(detector: Detector, feeds: list[Any], errors: list[str]) -> list[Any]:
     return results
 
 
-def _pad_axis1(arr: np.ndarray) -> np.ndarray:
-    """``arr`` with axis 1 padded to length >= 1 (PyTriton cannot ship zero-size arrays; counts say what is valid)."""
-    if arr.shape[1] > 0:
-        return arr
-    return np.zeros((arr.shape[0], 1, *arr.shape[2:]), dtype=arr.dtype)
-
-
 def _detector_response(out: dict[str, np.ndarray] | None, error: str, rows: int) -> dict[str, np.ndarray]:
     if out is None:
         out = {"num_detections": np.zeros(rows, np.int32), "boxes": np.zeros((rows, 0, 4), np.float32),
                "scores": np.zeros((rows, 0), np.float32), "classes": np.zeros((rows, 0), np.int32)}  # fmt: skip
     response = {k: np.ascontiguousarray(out[k], dtype=dtype) for k, dtype in OUTPUTS.items()}
-    response = {k: (v.reshape(rows, 1) if k == "num_detections" else _pad_axis1(v)) for k, v in response.items()}
+    response = {k: (v.reshape(rows, 1) if k == "num_detections" else pad_axis1(v)) for k, v in response.items()}
     response[ERROR_OUTPUT] = np.repeat(_error_row(error), rows, axis=0)
     return response
 
@@ -151,9 +144,9 @@ def _image_response(dets: Any, error: str) -> dict[str, np.ndarray]:
         boxes, scores, classes, names = dets.boxes, dets.scores, dets.classes, dets.labels()
     labels = np.array([[n.encode() for n in names]], dtype=np.bytes_).reshape(1, len(names))
     return {"num_detections": np.array([[len(names)]], np.int32),
-            "boxes": _pad_axis1(boxes.astype(np.float32)[None]), "scores": _pad_axis1(scores.astype(np.float32)[None]),
-            "classes": _pad_axis1(classes.astype(np.int32)[None]),
-            "class_names": _pad_axis1(labels if labels.size else np.zeros((1, 0), np.bytes_)),
+            "boxes": pad_axis1(boxes.astype(np.float32)[None]), "scores": pad_axis1(scores.astype(np.float32)[None]),
+            "classes": pad_axis1(classes.astype(np.int32)[None]),
+            "class_names": pad_axis1(labels if labels.size else np.zeros((1, 0), np.bytes_)),
             ERROR_OUTPUT: _error_row(error)}  # fmt: skip
 
 

@@ -44,6 +44,14 @@ def decode_image(data: bytes) -> np.ndarray:
                            "JPEG or PNG file") from None
 
 
+def pad_axis1(arr: np.ndarray) -> np.ndarray:
+    """``arr`` with axis 1 padded to length >= 1: Triton cannot ship zero-size arrays (the count output says how
+    many rows are valid). Shared by the PyTriton server and the stock-Triton python model."""
+    if arr.shape[1] > 0:
+        return arr
+    return np.zeros((arr.shape[0], 1, *arr.shape[2:]), dtype=arr.dtype)
+
+
 def check_feed(images: np.ndarray, sizes: np.ndarray, divisibility: int) -> None:
     """RequestError unless (images uint8 [B, 3, H, W], image_sizes int32 [B, 2]) is a pre-processed batch.
 

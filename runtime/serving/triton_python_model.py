@@ -24,11 +24,7 @@ from frcnn.runtime.contract import OUTPUT_NAMES
 from frcnn.runtime.detector import model_feed, parse_metadata
 from frcnn.runtime.postprocess import postprocess_detections
 from frcnn.runtime.preprocess import Preprocessor
-from frcnn.runtime.serving.requests import RequestError, decode_image
-
-
-def _pad1(arr: np.ndarray) -> np.ndarray:
-    return arr if arr.shape[1] > 0 else np.zeros((arr.shape[0], 1, *arr.shape[2:]), arr.dtype)
+from frcnn.runtime.serving.requests import RequestError, decode_image, pad_axis1
 
 
 class TritonPythonModel:
@@ -72,6 +68,6 @@ class TritonPythonModel:
         boxes, scores, classes, names = dets.boxes, dets.scores, dets.classes, dets.labels()
         labels = np.array([[n.encode() for n in names]], dtype=np.object_).reshape(1, len(names))
         return {"num_detections": np.array([[len(names)]], np.int32),
-                "boxes": _pad1(boxes.astype(np.float32)[None]), "scores": _pad1(scores.astype(np.float32)[None]),
-                "classes": _pad1(classes.astype(np.int32)[None]),
-                "class_names": _pad1(labels) if labels.size else np.array([[b""]], dtype=np.object_)}
+                "boxes": pad_axis1(boxes.astype(np.float32)[None]), "scores": pad_axis1(scores.astype(np.float32)[None]),
+                "classes": pad_axis1(classes.astype(np.int32)[None]),
+                "class_names": pad_axis1(labels) if labels.size else np.array([[b""]], dtype=np.object_)}
