@@ -12,15 +12,14 @@ import os
 from collections.abc import Iterator
 
 import numpy as np
-from frcnn.runtime.detector import MIN_PADDED_SIDE, ModelInfo, pad_to_min_side
+from frcnn.runtime.detector import ModelInfo, model_feed
 from frcnn.runtime.errors import UserError
 from frcnn.runtime.image_io import ImageError, read_rgb
-from frcnn.runtime.preprocess import Preprocessor
+from frcnn.runtime.infer_cli import IMAGE_SUFFIXES
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 """Activation range estimators (ONNX Runtime's MinMax, Entropy, Percentile calibrators)."""
 DEFAULT_CALIB_COUNT = 64
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def list_images(folder: str | os.PathLike[str]) -> list[str]:
@@ -60,9 +59,7 @@ class CalibrationImages:
             raise UserError(f"--calib-count must be >= 1, got {count}")
         self.files = list_images(folder)[: None if count is None else int(count)]
         self.info = info
-        self.preprocessor = Preprocessor(info.short_edge, info.max_size, input_format="RGB",
-                                         model_format=info.channel_order,
-                                         size_divisibility=info.size_divisibility)  # fmt: skip
+        self.preprocessor = info.preprocessor("RGB")
         for f in self.files:  # every file decodes before any quantization work starts (kept out of memory)
             _checked(read_image(f), f)
 
@@ -70,13 +67,8 @@ class CalibrationImages:
         return len(self.files)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        from frcnn.runtime.preprocess import batch_images
-
         for f in self.files:
-            img = self.preprocessor.preprocess_one(read_image(f))
-            images, sizes = batch_images([img], self.info.size_divisibility)
-            yield {"images": pad_to_min_side(images, MIN_PADDED_SIDE, self.info.size_divisibility),
-                   "image_sizes": sizes}  # fmt: skip
+            yield model_feed(self.preprocessor([read_image(f)]), self.info.size_divisibility)
 
 
 def _checked(img: np.ndarray, path: str) -> np.ndarray:
