@@ -102,14 +102,30 @@ def _torch_export(module: DeployModel, example: tuple[Tensor, Tensor], opset: in
     height = torch.export.Dim("height", min=MIN_IMAGE_SIDE, max=max(int(max_side), MIN_IMAGE_SIDE + 1))
     width = torch.export.Dim("width", min=MIN_IMAGE_SIDE, max=max(int(max_side), MIN_IMAGE_SIDE + 1))
     output_names = list(module.output_names)
-    program = torch.onnx.export(
-        module, example, dynamo=True, opset_version=opset, optimize=True, verbose=False, report=False,
-        custom_translation_table=onnx_registry.custom_translation_table(),
-        dynamic_shapes={"images": {0: batch, 2: height, 3: width}, "image_sizes": {0: batch}},
-        input_names=list(INPUT_NAMES), output_names=output_names)
+    try:
+        program = torch.onnx.export(
+            module, example, dynamo=True, opset_version=opset, optimize=True, verbose=False, report=False,
+            custom_translation_table=onnx_registry.custom_translation_table(),
+            dynamic_shapes={"images": {0: batch, 2: height, 3: width}, "image_sizes": {0: batch}},
+            input_names=list(INPUT_NAMES), output_names=output_names)
+    except Exception as exc:
+        if _caused_by_interrupt(exc):  # torch.export wraps a Ctrl-C raised while it traces: unwrap it
+            raise KeyboardInterrupt from None
+        raise
     if program is None:  # only None when exporting to a file path, which is not done here
         raise RuntimeError("torch.onnx.export returned no ONNXProgram")
     return program.model_proto
+
+
+def _caused_by_interrupt(exc: BaseException | None) -> bool:
+    """Whether ``exc`` or an exception it was raised from / during is a KeyboardInterrupt."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def cleanup(model: onnx.ModelProto) -> onnx.ModelProto:
