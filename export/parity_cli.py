@@ -10,7 +10,9 @@ checks per batch, both printed as a table:
    compared), with ``--box-atol`` / ``--score-atol`` and exact classes. Ties in score may legitimately
    reorder rows, so this check is reported but only ``--strict-raw`` makes it part of the verdict;
 2. detection-aware — every detection of one side matched to one of the other (same class, IoU >=
-   ``--min-iou``, |score delta| <= ``--score-atol``), per-class counts equal.
+   ``--min-iou``, |score delta| <= ``--score-atol``), per-class counts equal;
+3. Mask R-CNN models (a ``masks`` output): each matched detection's raw 28x28 probabilities within
+   ``--mask-atol`` and its two masks, pasted on their boxes (threshold 0.5), with IoU >= ``--mask-min-iou``.
 
 Exit code 0 when every check of the verdict passes, 1 otherwise. Needs torch (the PyTorch side).
 """
@@ -25,10 +27,16 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from frcnn.runtime.contract import COUNT_OUTPUT, DETECTION_OUTPUT_NAMES
+from frcnn.runtime.contract import COUNT_OUTPUT, DETECTION_OUTPUT_NAMES, MASK_OUTPUT_NAMES
 from frcnn.runtime.contract import OUTPUT_NAMES as RAW_OUTPUTS
 from frcnn.runtime.errors import UserError
-from frcnn.runtime.tolerances import PARITY_BOX_ATOL, PARITY_MIN_IOU, PARITY_SCORE_ATOL
+from frcnn.runtime.tolerances import (
+    PARITY_BOX_ATOL,
+    PARITY_MASK_ATOL,
+    PARITY_MASK_MIN_IOU,
+    PARITY_MIN_IOU,
+    PARITY_SCORE_ATOL,
+)
 
 
 def _base_runner() -> Any:
@@ -60,7 +68,7 @@ def make_backend_runner(path: str, backend: str = "auto", name: str | None = Non
             start = time.perf_counter()
             out = self.backend.infer(dict(feed_dict))
             self.inference_time = time.perf_counter() - start
-            return OrderedDict((k, out[k]) for k in RAW_OUTPUTS)
+            return OrderedDict((k, out[k]) for k in (*RAW_OUTPUTS, *MASK_OUTPUT_NAMES) if k in out)
 
         def deactivate_impl(self) -> None:
             self.backend.deactivate()
@@ -152,7 +160,10 @@ def _rows(raw: Any, det: Any, a: dict[str, np.ndarray], b: dict[str, np.ndarray]
                True if bool(res) else (False if counted else None))  # fmt: skip
     rep = det["detections"]
     yield ("detections", f"{rep.matched} matched, min IoU {rep.min_iou:.4f}",
-           f"max |dscore| {rep.max_score_delta:.2e}", bool(rep))  # fmt: skip
+           f"max |dscore| {rep.max_score_delta:.2e}", len(rep.problems) == rep.mask_failures)  # fmt: skip
+    if "masks" in a or "masks" in b:
+        yield ("masks", f"{rep.masks_compared} compared, min IoU {rep.min_mask_iou:.4f}",
+               f"max |dprob| {rep.max_mask_delta:.2e}", rep.mask_failures == 0)  # fmt: skip
     problems = class_count_problems(a, b)
     yield ("per-class counts", "equal" if not problems else "; ".join(problems[:3]), "exact", not problems)
 
@@ -170,7 +181,8 @@ def run_parity(args: argparse.Namespace) -> int:
     runners = [TorchRunner(model, name="pytorch"), deployed]
     results = Comparator.run(runners, data_loader=feeds)
     raw_func = ValidRowsCompareFunc(args.box_atol, args.score_atol)
-    det_func = DetectionCompareFunc(min_iou=args.min_iou, score_atol=args.score_atol, proposal_atol=args.box_atol)
+    det_func = DetectionCompareFunc(min_iou=args.min_iou, score_atol=args.score_atol, proposal_atol=args.box_atol,
+                                    mask_atol=args.mask_atol, mask_min_iou=args.mask_min_iou)
     (_, torch_iters), (_, deployed_iters) = results[0], results[1]
     if args.precision != "fp32":
         from frcnn.runtime.match_rate import run_match_rate
@@ -181,8 +193,8 @@ def run_parity(args: argparse.Namespace) -> int:
     print(f"{'batch':>5}  {'check':<18} {'result':<42} {'tolerance':<20} verdict")
     passed = True
     for k, (r0, r1) in enumerate(zip(torch_iters, deployed_iters)):
-        a = {n: np.asarray(r0[n]) for n in RAW_OUTPUTS}
-        b = {n: np.asarray(r1[n]) for n in RAW_OUTPUTS}
+        a = {n: np.asarray(r0[n]) for n in r0}
+        b = {n: np.asarray(r1[n]) for n in r1}
         for check, result, tol, ok in _rows(raw_func(r0, r1), det_func(r0, r1), a, b, raw_func.atol,
                                             args.strict_raw):  # fmt: skip
             passed &= ok is not False
@@ -210,6 +222,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help=f"score tolerance (default {PARITY_SCORE_ATOL:g})")
     parser.add_argument("--min-iou", type=float, default=PARITY_MIN_IOU,
                         help=f"IoU for a detection match (default {PARITY_MIN_IOU:g})")
+    parser.add_argument("--mask-atol", type=float, default=PARITY_MASK_ATOL,
+                        help=f"Mask R-CNN: raw mask probability tolerance (default {PARITY_MASK_ATOL:g})")
+    parser.add_argument("--mask-min-iou", type=float, default=PARITY_MASK_MIN_IOU,
+                        help=f"Mask R-CNN: minimum IoU of pasted masks (default {PARITY_MASK_MIN_IOU:g})")
     parser.add_argument("--strict-raw", action="store_true",
                         help="also fail on raw boxes/scores/classes row differences (not only num_detections)")
     parser.add_argument("--precision", choices=("fp32", "int8"), default="fp32",

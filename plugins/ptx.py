@@ -32,6 +32,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from frcnn.plugins import KERNEL_COMPILE_OPTIONS
 from frcnn.plugins.launch_safety import check_launch_safety, check_triton_version, launch_fields
 from frcnn.runtime.errors import UserError
 from frcnn.runtime.fileio import atomic_write
@@ -156,7 +157,7 @@ def ptx_version_for(arch: int, requested: int = DEFAULT_PTX_VERSION) -> int:
 
 
 def _options(spec: KernelSpec, ptx_version: int) -> dict:
-    return {"num_warps": spec.num_warps, "ptx_version": ptx_version, "enable_fp_fusion": False}
+    return {"num_warps": spec.num_warps, "ptx_version": ptx_version, **KERNEL_COMPILE_OPTIONS}
 
 
 def cache_key(spec: KernelSpec, arch: int, ptx_version: int = DEFAULT_PTX_VERSION) -> str:

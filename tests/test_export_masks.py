@@ -129,3 +129,39 @@ def test_deployed_segm_ap_equals_pytorch(onnx_path: Path, tmp_path: Path) -> Non
     for key in ("AP", "AP50", "segm/AP", "segm/AP50"):
         assert key in deployed and abs(deployed[key] - reference[key]) <= 1e-3, (key, deployed[key], reference[key])
     assert "segm/AP-circle" in deployed or any(k.startswith("segm/AP-") for k in deployed)
+
+
+def test_parity_cli_compares_masks(onnx_path: Path, tmp_path: Path) -> None:
+    """`frcnn parity` on a Mask R-CNN export: a "masks" row (raw probabilities and pasted-mask IoU of every
+    matched detection) that passes; the same check on a model whose mask predictor was changed fails."""
+    import subprocess
+    import sys
+
+    from frcnn.trainer.checkpoint import save_checkpoint
+    from PIL import Image
+
+    cfg, model = mask_model()
+    (tmp_path / "config.yaml").write_text(cfg.dump())
+    save_checkpoint(tmp_path / "model.pth", model, cfg=cfg.dump(), iteration=0)
+    images = tmp_path / "images"
+    images.mkdir()
+    for k, img in enumerate(textured([(416, 288), (256, 384)], 22)):
+        Image.fromarray(img).save(images / f"{k}.png")
+
+    def parity(weights: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "frcnn.runtime.cli", "parity", str(weights), str(onnx_path),
+                               "--images", str(images), "--config", str(tmp_path / "config.yaml")],
+                              check=False, capture_output=True, text=True, timeout=300)
+
+    good = parity(tmp_path / "model.pth")
+    assert good.returncode == 0, good.stdout + good.stderr
+    rows = [line for line in good.stdout.splitlines() if " masks " in line]
+    assert len(rows) == 2 and all(r.rstrip().endswith("PASS") for r in rows), good.stdout
+    assert all(int(r.split("masks", 1)[1].split()[0]) > 3 for r in rows), rows  # "N compared", N detections
+    changed = {k: v.clone() for k, v in model.state_dict().items()}
+    changed["roi_heads.mask_head.predictor.bias"] += 0.5  # every probability moves; boxes do not
+    save_checkpoint(tmp_path / "changed.pth", changed, cfg=cfg.dump(), iteration=0)
+    bad = parity(tmp_path / "changed.pth")
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert "PARITY FAILED" in bad.stdout and "mask of detection" in bad.stdout
+    assert all(line.rstrip().endswith("PASS") for line in bad.stdout.splitlines() if " detections " in line)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = {"a": ["env", "kernels_vs_torch", "kernel_time_vs_floor", "model_cuda_vs_cpu"],
+STEPS = {"a": ["env", "kernels_vs_torch", "kernel_time_vs_floor", "model_cuda_vs_cpu", "mask_model_cuda_vs_cpu"],
          "b": ["tensorrt", "export_onnx", "engine_fp32", "engine_fp16", "engine_int8", "parity_fp32",
                "parity_fp16", "latency", "memory_soak"]}
 
@@ -34,8 +34,9 @@ def test_gpu_check_without_gpu_skips_each_step_with_its_reason(tmp_path: Path) -
         if name == "env":
             continue
         assert step["status"] == "skipped", step
-        first = name in ("kernels_vs_torch", "kernel_time_vs_floor", "model_cuda_vs_cpu", "tensorrt")
+        first = name in ("kernels_vs_torch", "kernel_time_vs_floor", "model_cuda_vs_cpu", "mask_model_cuda_vs_cpu",
+                        "tensorrt")
         want = "no NVIDIA GPU" if first else "needs step "
         assert step["reason"].startswith(want), step
         assert f"[{part}] {name}" in log and step["reason"] in log
-    assert report["summary"] == {"pass": 1, "fail": 0, "error": 0, "skipped": 12}
+    assert report["summary"] == {"pass": 1, "fail": 0, "error": 0, "skipped": sum(map(len, STEPS.values())) - 1}

@@ -13,7 +13,12 @@ import pytest
 import torch
 from export_utils import batch, exported, parity_model, textured, white_image
 from frcnn.export.onnx_export import PROPOSAL_NAMES, with_outputs
-from frcnn.export.polygraphy_runners import DetectionCompareFunc, TorchRunner, compare_detections
+from frcnn.export.polygraphy_runners import (
+    DetectionCompareFunc,
+    TorchRunner,
+    compare_detections,
+    pasted_mask_iou,
+)
 
 torch.set_num_threads(1)
 
@@ -118,3 +123,54 @@ def test_compare_checks_proposals() -> None:
     assert compare_detections(a, b)  # same set, other order
     b["proposals"][0, 0, 0] += 1e-3
     assert not compare_detections(a, b)
+
+
+# --- Mask R-CNN: masks of matched detections ----------------------------------------------------------------
+def _mask_dets(seed: int = 0) -> dict[str, np.ndarray]:
+    dets = _dets()
+    rng = np.random.default_rng(seed)
+    dets["masks"] = rng.uniform(0, 1, (1, 3, 28, 28)).astype(np.float32)
+    return dets
+
+
+def test_pasted_mask_iou_hand_cases() -> None:
+    ones, zeros = np.ones((28, 28), np.float32), np.zeros((28, 28), np.float32)
+    box = np.array([0, 0, 10, 10], np.float32)
+    # An all-ones mask pastes to exactly the box's pixels (detectron2 paste): two 10x10 squares overlapping by
+    # half -> 50 / 150.
+    assert pasted_mask_iou(ones, box, ones, np.array([5, 0, 15, 10], np.float32)) == pytest.approx(1 / 3)
+    assert pasted_mask_iou(ones, box, ones, np.array([20, 20, 30, 30], np.float32)) == 0.0
+    assert pasted_mask_iou(zeros, box, zeros, box) == 1.0  # both empty: the same mask
+    assert pasted_mask_iou(ones, box, zeros, box) == 0.0
+    left = np.where(np.arange(28)[None, :] < 14, 1.0, 0.0).astype(np.float32) * ones
+    assert pasted_mask_iou(left, np.array([0, 0, 28, 28], np.float32), ones,
+                           np.array([0, 0, 28, 28], np.float32)) == pytest.approx(0.5)
+
+
+def test_compare_matches_masks_with_their_detections() -> None:
+    a, b = _mask_dets(), _mask_dets()
+    for key in ("boxes", "scores", "classes", "masks"):  # same set, other order: masks travel with their rows
+        b[key][0, :2] = b[key][0, 1::-1]
+    b["masks"][0, 2] = 0.0  # padding rows are not compared
+    report = compare_detections(a, b)
+    assert report and report.masks_compared == 2 and report.max_mask_delta == 0.0 and report.min_mask_iou == 1.0
+    assert "2 masks" in str(report)
+
+
+@pytest.mark.parametrize("change", ["prob", "flip", "one_side"])
+def test_compare_rejects_mask_differences(change: str) -> None:
+    a, b = _mask_dets(), _mask_dets()
+    if change == "prob":  # raw probabilities off by more than 1e-4, far from 0.5: IoU stays above 0.99
+        b["masks"][0, 1] = np.where(b["masks"][0, 1] > 0.5, 0.99, 0.01)
+        a["masks"][0, 1] = np.where(a["masks"][0, 1] > 0.5, 0.9995, 0.0095)
+    elif change == "flip":  # the mask of detection 0 mirrored: same statistics, other pixels
+        b["masks"][0, 0] = b["masks"][0, 0, :, ::-1]
+    else:
+        del b["masks"]
+    report = compare_detections(a, b)
+    assert not report and report.mask_failures >= 1
+    assert report.matched == 2  # the detections themselves still match
+    if change == "prob":
+        assert report.min_mask_iou > 0.99 and report.max_mask_delta == pytest.approx(9.5e-3, abs=1e-6)
+    elif change == "flip":
+        assert report.min_mask_iou < 0.8

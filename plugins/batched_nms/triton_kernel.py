@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from frcnn.plugins import KERNEL_COMPILE_OPTIONS
 from frcnn.plugins.batched_nms import float32_at_most
 
 __all__ = [
@@ -237,6 +238,6 @@ def batched_nms_triton(boxes, scores, groups, iou_threshold: float, score_thresh
     consts = constexprs(iou_threshold, score_threshold, max_output, max_candidates)
     batched_nms_kernel[launch_grid(b)](
         boxes.contiguous(), scores.contiguous(), groups.to(torch.int32).contiguous(), n, num, indices,
-        num_warps=NUM_WARPS, **consts,
+        num_warps=NUM_WARPS, **KERNEL_COMPILE_OPTIONS, **consts,
     )
     return num, indices

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 import triton
 import triton.language as tl
+from frcnn.plugins import KERNEL_COMPILE_OPTIONS
 from frcnn.plugins.roi_align_v2 import DEFAULTS
 
 __all__ = [
@@ -223,5 +224,6 @@ def roi_align_v2_triton(
     consts = constexprs(output_size, sampling_ratio, aligned, canonical_box_size, canonical_level, min_level,
                         len(feats))
     grid = launch_grid(b, r, c, output_size)
-    roi_align_v2_kernel[grid](rois.contiguous(), *levels, r, c, *sizes, out, num_warps=NUM_WARPS, **consts)
+    roi_align_v2_kernel[grid](rois.contiguous(), *levels, r, c, *sizes, out, num_warps=NUM_WARPS,
+                              **KERNEL_COMPILE_OPTIONS, **consts)
     return out
