@@ -120,7 +120,8 @@ def atomic_writer(path: str | os.PathLike[str], mode: str = "wb", fsync: bool = 
     The folder is created if missing. ``mode`` is "wb" or "w" (text is written as UTF-8). Temp file naming,
     permissions and the removal of earlier runs' leftovers are those of :func:`atomic_path`.
     """
-    with atomic_path(path) as tmp, open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+    encoding = None if "b" in mode else "utf-8"
+    with atomic_path(path) as tmp, open(tmp, mode, encoding=encoding) as f:
         yield f
         if fsync:
             f.flush()
