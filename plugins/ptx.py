@@ -27,13 +27,13 @@ import hashlib
 import importlib
 import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from frcnn.plugins import KERNEL_COMPILE_OPTIONS
 from frcnn.plugins.launch_safety import check_launch_safety, check_triton_version, launch_fields
+from frcnn.runtime.cache_dir import cache_dir
 from frcnn.runtime.errors import UserError
 from frcnn.runtime.fileio import atomic_write
 
@@ -131,11 +131,9 @@ def default_specs() -> list[KernelSpec]:
 
 
 def default_cache_dir() -> Path:
-    """``$FRCNN_CACHE_DIR/ptx``, else ``$XDG_CACHE_HOME/frcnn/ptx``, else ``~/.cache/frcnn/ptx``."""
-    if os.environ.get("FRCNN_CACHE_DIR"):
-        return Path(os.environ["FRCNN_CACHE_DIR"]) / "ptx"
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "frcnn" / "ptx"
+    """``$FRCNN_CACHE_DIR/ptx``, else ``$XDG_CACHE_HOME/frcnn/ptx``, else ``~/.cache/frcnn/ptx``
+    (:func:`frcnn.runtime.cache_dir.cache_dir`)."""
+    return cache_dir("ptx")
 
 
 def _json_value(v):

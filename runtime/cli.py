@@ -34,6 +34,8 @@ class Command(NamedTuple):
 
 
 COMMANDS: dict[str, Command] = {
+    "optimize": Command("frcnn.runtime.optimize_cli",
+                        "pre-optimise an ONNX model for low-memory ONNX Runtime (CPU)", 45),
     "infer": Command("frcnn.runtime.infer_cli", "run an exported model on images", 50),
     "bench": Command("frcnn.runtime.bench_cli", "latency / throughput of a deployed model", 80),
     "serve": Command("frcnn.runtime.serving.serve_cli",

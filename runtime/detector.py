@@ -89,7 +89,9 @@ class Detector:
         max_batch: largest batch sent to the model; larger lists are split (default: the engine profile's
             max batch, or 8 for ONNX).
         input_format: channel order of the images you pass, "BGR" (OpenCV) or "RGB" (Pillow).
-        backend_options: extra keyword arguments for the backend (``intra_op_threads``, ``cuda_graph``).
+        backend_options: extra keyword arguments for the backend (``intra_op_threads``, ``cuda_graph``;
+            ``low_memory`` / ``cache_dir``: ONNX Runtime's pre-optimised graph cache, see
+            :class:`frcnn.runtime.backends.onnxruntime.OnnxRuntimeBackend`).
         shape_buckets: pad each batch up to a fixed ladder of sides (``True``: the default ladder, or a list
             of sides) so a TensorRT engine sees few shapes; see :mod:`frcnn.runtime.shape_buckets` (opt-in:
             results are then exact to detectron2 on the padded input).

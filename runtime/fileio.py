@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write", "atomic_write_json", "atomic_writer", "remove_stale_temps", "temp_prefix"]
+__all__ = ["atomic_path", "atomic_write", "atomic_write_json", "atomic_writer", "remove_stale_temps", "temp_prefix"]
 
 _STARTED = time.time()  # this process's writes begin after this; older pid-less temp files are leftovers
 _CLEANED: set[str] = set()  # targets whose folder was already searched for leftovers by this process
@@ -87,12 +87,13 @@ def remove_stale_temps(target: str | os.PathLike[str]) -> list[Path]:
 
 
 @contextlib.contextmanager
-def atomic_writer(path: str | os.PathLike[str], mode: str = "wb", fsync: bool = False) -> Iterator[IO[Any]]:
-    """Open a temporary file beside ``path``; on success it replaces ``path``, on error it is removed.
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary path beside ``path`` for a writer that opens the file by name itself (ONNX Runtime's
+    ``optimized_model_filepath``, a child process); on success it replaces ``path``, on error it is removed.
 
-    The folder is created if missing. ``mode`` is "wb" or "w" (text is written as UTF-8). The file gets the
-    permissions a plain ``open`` would give it (0666 less the umask), not mkstemp's 0600. Leftover temp files
-    of killed earlier runs for the same target are removed first (once per target and process).
+    The folder is created if missing; the file gets the permissions a plain ``open`` would give it (0666 less
+    the umask), not mkstemp's 0600. Leftover temp files of killed earlier runs for the same target are removed
+    first (once per target and process). The yielded file exists (empty) when the block starts.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -101,18 +102,30 @@ def atomic_writer(path: str | os.PathLike[str], mode: str = "wb", fsync: bool = 
         remove_stale_temps(target)
         _CLEANED.add(key)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=temp_prefix(target), suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            yield f
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
+        yield Path(tmp)
         os.chmod(tmp, _default_mode())
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike[str], mode: str = "wb", fsync: bool = False) -> Iterator[IO[Any]]:
+    """Open a temporary file beside ``path``; on success it replaces ``path``, on error it is removed.
+
+    The folder is created if missing. ``mode`` is "wb" or "w" (text is written as UTF-8). Temp file naming,
+    permissions and the removal of earlier runs' leftovers are those of :func:`atomic_path`.
+    """
+    encoding = None if "b" in mode else "utf-8"
+    with atomic_path(path) as tmp, open(tmp, mode, encoding=encoding) as f:
+        yield f
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes | str, fsync: bool = False) -> None:

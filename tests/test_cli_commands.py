@@ -12,7 +12,7 @@ from pathlib import Path
 from frcnn.runtime import cli
 
 REPO = Path(__file__).resolve().parents[1]
-NAMES = ["demo", "data", "train", "export", "plugins", "infer", "parity", "eval", "bench", "serve", "triton-repo"]
+NAMES = ["demo", "data", "train", "export", "plugins", "optimize", "infer", "parity", "eval", "bench", "serve", "triton-repo"]
 """Every `frcnn` sub-command, in the order `frcnn --help` lists them (as before the entry points)."""
 
 
@@ -50,4 +50,4 @@ def test_missing_registrations_are_one_clear_error(monkeypatch, capsys) -> None:
     assert cli.main(["train", "--config", "x.yaml"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("frcnn: error: unknown command 'train'") and "pip install -e ." in err, err
-    assert list(cli.discover_commands()) == ["infer", "bench", "serve", "triton-repo"]  # the runtime's own commands still work
+    assert list(cli.discover_commands()) == ["optimize", "infer", "bench", "serve", "triton-repo"]  # the runtime's own commands still work

@@ -206,7 +206,7 @@ def test_export_cli_int8_checks_calibration_folder_before_loading(tmp_path: Path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pth"]
 
 
-def test_low_memory_session_gives_the_same_detections(quantized: tuple[Path, Path]) -> None:
+def test_low_memory_session_gives_the_same_detections(quantized: tuple[Path, Path], tmp_path: Path) -> None:
     import onnxruntime as ort
     from frcnn.runtime.backends.onnxruntime import (
         LOW_MEMORY,
@@ -223,7 +223,7 @@ def test_low_memory_session_gives_the_same_detections(quantized: tuple[Path, Pat
     images, sizes = batch(textured([(256, 384)], seed=1))
     outs = []
     for low in (False, True):
-        backend = OnnxRuntimeBackend(str(quantized[0]), providers=["cpu"], low_memory=low)
+        backend = OnnxRuntimeBackend(str(quantized[0]), providers=["cpu"], low_memory=low, cache_dir=tmp_path)
         backend.activate()
         outs.append(backend.infer({"images": images, "image_sizes": sizes}))
         backend.deactivate()
