@@ -103,9 +103,11 @@ def _ort_quantize(model: onnx.ModelProto, images: CalibrationImages, method: str
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
                         op_types_to_quantize=list(QUANTIZED_OP_TYPES),  # also what calibration collects
                         calibrate_method=calib,
+                        # No "CalibMaxIntermediateOutputs": ORT's MinMax calibrator (1.32) drops each full chunk
+                        # without reducing it, so only the last len % chunk images would count (0 left: "No data
+                        # is collected"). Its per-image outputs are ReduceMin/ReduceMax results, small anyway.
                         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
-                                       "CalibMaxIntermediateOutputs": 8, "QuantizeBias": False,
-                                       "DedicatedQDQPair": True})  # fmt: skip
+                                       "QuantizeBias": False, "DedicatedQDQPair": True})  # fmt: skip
         return onnx.load(dst)
 
 

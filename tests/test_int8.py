@@ -312,3 +312,32 @@ def test_int8_output_not_ours_is_replaced_only_with_overwrite(quantized: tuple[P
     shutil.copy(quantized[1], target)  # an int8 model frcnn wrote: replaced without --overwrite
     args.overwrite = False
     check_int8_arguments(args, fp32)
+
+
+def _input_scale(model: onnx.ModelProto) -> float:
+    """The scale of the one QuantizeLinear on the normalized image (the stem conv's input)."""
+    producer = {out: n for n in model.graph.node for out in n.output}
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    scales = [float(inits[n.input[1]]) for n in model.graph.node if n.op_type == "QuantizeLinear"
+              and n.input[0] in producer and producer[n.input[0]].name.startswith("preprocess")]
+    assert len(scales) == 1, scales
+    return scales[0]
+
+
+def test_calibration_uses_every_image(quantized: tuple[Path, Path], tmp_path: Path) -> None:
+    """Calibration ranges are taken over all images: a white image followed by 8 black ones (more than any
+    chunk ORT may calibrate in) gives the input scale of the white image alone, max |pixel - mean| / 127 =
+    (255 - 103.53) / 127 (detectron2's BGR mean, std 1), not the black images' 123.675 / 127."""
+    from frcnn.export import quantize_onnx
+
+    scales = {}
+    for name, count in (("white_only", 1), ("white_then_black", 9)):
+        folder = tmp_path / name
+        (folder / "calib").mkdir(parents=True)
+        shutil.copy(quantized[0], folder / "model.onnx")
+        Image.new("RGB", (320, 288), (255, 255, 255)).save(folder / "calib" / "a_white.png")
+        for k in range(count - 1):
+            Image.new("RGB", (320, 288), (0, 0, 0)).save(folder / "calib" / f"b_black_{k}.png")
+        scales[name] = _input_scale(onnx.load(str(quantize_onnx(folder / "model.onnx", folder / "calib"))))
+    assert scales["white_only"] == pytest.approx((255 - 103.53) / 127, rel=1e-4)
+    assert scales["white_then_black"] == scales["white_only"]
