@@ -230,6 +230,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="also fail on raw boxes/scores/classes row differences (not only num_detections)")
     parser.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
                         help="int8: IoU-matched detections, looser scores; reports the match rate (docs/int8.md)")
+    parser.add_argument("--min-score", type=float, default=0.0,
+                        help="--precision int8: count only reference detections scoring >= this (default 0: all)")
     parser.add_argument("--opts", nargs="*", default=[], metavar="KEY VALUE", help="config overrides")
     parser.set_defaults(func=run_parity)
     return parser

@@ -20,7 +20,9 @@ same graph with integer kernels on the CPU, which is how this file is proven her
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -91,6 +93,22 @@ class _Reader:
         return len(self.images)
 
 
+@contextlib.contextmanager
+def _without_preprocess_advice() -> Iterator[None]:
+    """Drop ONNX Runtime's root-logger advice to run ``quant_pre_process`` (this module folds the BN affine
+    itself, which is the part of that pre-processing the graph needs: docs/int8.md) for the duration."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
 def _ort_quantize(model: onnx.ModelProto, images: CalibrationImages, method: str, nodes: list[str]) -> onnx.ModelProto:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -99,15 +117,17 @@ def _ort_quantize(model: onnx.ModelProto, images: CalibrationImages, method: str
     with tempfile.TemporaryDirectory(prefix="frcnn-int8-") as tmp:
         src, dst = os.path.join(tmp, "fp32.onnx"), os.path.join(tmp, "int8.onnx")
         onnx.save(model, src)
-        quantize_static(src, dst, _Reader(images), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
-                        op_types_to_quantize=list(QUANTIZED_OP_TYPES),  # also what calibration collects
-                        calibrate_method=calib,
-                        # No "CalibMaxIntermediateOutputs": ORT's MinMax calibrator (1.32) drops each full chunk
-                        # without reducing it, so only the last len % chunk images would count (0 left: "No data
-                        # is collected"). Its per-image outputs are ReduceMin/ReduceMax results, small anyway.
-                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
-                                       "QuantizeBias": False, "DedicatedQDQPair": True})  # fmt: skip
+        with _without_preprocess_advice():
+            quantize_static(src, dst, _Reader(images), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
+                            op_types_to_quantize=list(QUANTIZED_OP_TYPES),  # also what calibration collects
+                            calibrate_method=calib,
+                            # No "CalibMaxIntermediateOutputs": ORT's MinMax calibrator (1.32) drops each full
+                            # chunk without reducing it, so only the last len % chunk images would count (none
+                            # left: "No data is collected"). Its per-image outputs are ReduceMin/ReduceMax
+                            # results, small anyway.
+                            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                                           "QuantizeBias": False, "DedicatedQDQPair": True})  # fmt: skip
         return onnx.load(dst)
 
 

@@ -18,6 +18,9 @@ from frcnn.runtime.contract import COUNT_OUTPUT, DETECTION_OUTPUT_NAMES
 
 PRECISION_DEFAULTS = {"int8": {"min_iou": 0.9, "score_atol": 0.1, "min_match_rate": 0.9}}
 """Per precision: IoU and |score delta| for a match, and the match rate the parity verdict requires."""
+SHOWN_SCORE = 0.5
+"""The score above which detections are usually shown (detectron2's demo ``--confidence-threshold``):
+``frcnn parity --precision`` also reports the match rate of the reference detections above it."""
 
 
 @dataclass
@@ -60,9 +63,14 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def match_detections(ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray], min_iou: float,
-                     score_atol: float) -> MatchReport:
-    """Greedy matching of one image's detections (``boxes`` [N, 4], ``scores`` [N], ``classes`` [N])."""
+                     score_atol: float, min_score: float = 0.0) -> MatchReport:
+    """Greedy matching of one image's detections (``boxes`` [N, 4], ``scores`` [N], ``classes`` [N]).
+
+    Only reference detections scoring >= ``min_score`` are counted and matched; the deployed side keeps all
+    of its detections, so one just under the threshold still matches a reference just above it."""
     rb, rs, rc = (np.asarray(ref[k]) for k in DETECTION_OUTPUT_NAMES)  # boxes, scores, classes
+    keep = rs >= min_score
+    rb, rs, rc = rb[keep], rs[keep], rc[keep]
     gb, gs, gc = (np.asarray(got[k]) for k in DETECTION_OUTPUT_NAMES)
     report = MatchReport(reference=len(rs), deployed=len(gs))
     if not len(rs) or not len(gs):
@@ -90,12 +98,12 @@ def batch_rows(outputs: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]
 
 
 def match_batches(reference: Iterable[Mapping[str, np.ndarray]], deployed: Iterable[Mapping[str, np.ndarray]],
-                  min_iou: float, score_atol: float) -> MatchReport:
+                  min_iou: float, score_atol: float, min_score: float = 0.0) -> MatchReport:
     """One MatchReport over every image of paired output batches."""
     total = MatchReport()
     for ref_batch, got_batch in zip(reference, deployed):
         for r, g in zip(batch_rows(ref_batch), batch_rows(got_batch)):
-            total = total + match_detections(r, g, min_iou, score_atol)
+            total = total + match_detections(r, g, min_iou, score_atol, min_score)
     return total
 
 
@@ -103,10 +111,16 @@ def run_match_rate(args: Any, reference: Iterable[Mapping[str, np.ndarray]],
                    deployed: Iterable[Mapping[str, np.ndarray]], deployed_name: str, batches: int) -> int:
     """``frcnn parity --precision P``: print the match report; exit 0 when the rate meets P's default."""
     limits = PRECISION_DEFAULTS[args.precision]
-    report = match_batches(reference, deployed, limits["min_iou"], limits["score_atol"])
+    min_score = float(getattr(args, "min_score", 0.0) or 0.0)
+    reference, deployed = list(reference), list(deployed)
+    report = match_batches(reference, deployed, limits["min_iou"], limits["score_atol"], min_score)
     print(f"parity ({args.precision}): {args.weights} (pytorch) vs {args.model} ({deployed_name}) on {batches} "
           f"batch(es) from {args.images}")
-    print(f"  {report.summary()}")
+    scope = f"reference detections scoring >= {min_score:g}" if min_score > 0 else "all reference detections"
+    print(f"  {report.summary()} [{scope}]")
+    if min_score < SHOWN_SCORE:  # what a user sees (detectron2's demo threshold), for information
+        shown = match_batches(reference, deployed, limits["min_iou"], limits["score_atol"], SHOWN_SCORE)
+        print(f"  of those scoring >= {SHOWN_SCORE:g}: {shown.summary()} (information, not the verdict)")
     print(f"  match: same class, IoU >= {limits['min_iou']}, |dscore| <= {limits['score_atol']}; required match "
           f"rate {100 * limits['min_match_rate']:.0f} %")
     passed = report.rate >= limits["min_match_rate"]

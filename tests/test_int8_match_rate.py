@@ -64,3 +64,29 @@ def test_parity_precision_verdict_uses_the_match_rate(capsys: pytest.CaptureFixt
     shifted["boxes"][0, 1] += 4  # 80 %: fails
     assert run_match_rate(args, [ref], [shifted], "onnxruntime", 1) == 1
     assert "PARITY FAILED" in capsys.readouterr().out
+
+
+def test_min_score_filters_the_reference_side_only(capsys: pytest.CaptureFixture) -> None:
+    """Reference detections under --min-score are not counted; a deployed detection under it still matches a
+    reference one above it (the threshold must not turn a 0.52 vs 0.48 pair into a miss)."""
+    import argparse
+
+    from frcnn.runtime.match_rate import run_match_rate
+
+    ref = _dets([[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]], [0.52, 0.3, 0.1], [0, 0, 0])
+    got = _dets([[0, 0, 10, 10], [60, 60, 70, 70]], [0.48, 0.3], [0, 0])
+    everything = match_detections(ref, got, min_iou=0.9, score_atol=0.1)
+    assert (everything.reference, everything.matched) == (3, 1)
+    confident = match_detections(ref, got, min_iou=0.9, score_atol=0.1, min_score=0.5)
+    assert (confident.reference, confident.deployed, confident.matched, confident.rate) == (1, 2, 1, 1.0)
+
+    def batch(d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"num_detections": np.array([len(d["scores"])]), **{k: v[None] for k, v in d.items()}}
+
+    args = argparse.Namespace(precision="int8", weights="w.pth", model="m.int8.onnx", images="imgs", min_score=0.0)
+    assert run_match_rate(args, [batch(ref)], [batch(got)], "onnxruntime", 1) == 1  # 1 of 3
+    out = capsys.readouterr().out
+    assert "1/3 reference detections matched" in out and "of those scoring >= 0.5: 1/1" in out
+    args.min_score = 0.5
+    assert run_match_rate(args, [batch(ref)], [batch(got)], "onnxruntime", 1) == 0  # 1 of 1
+    assert "[reference detections scoring >= 0.5]" in capsys.readouterr().out
