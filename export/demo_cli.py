@@ -1,8 +1,9 @@
-"""``frcnn demo [--output DIR] [--iters N]``: the main job end to end on an embedded default.
+"""``frcnn demo [--output DIR] [--iters N] [--mask]``: the main job end to end on an embedded default.
 
-synthetic dataset (192 px, 3 shape classes) -> train the small R-18 FPN (``frcnn-demo-R18.yaml``) -> COCO
-eval (PyTorch) -> export ONNX (and a TensorRT engine where TensorRT is present) -> infer with the torch-free
-runtime -> parity PyTorch vs ONNX Runtime -> COCO eval of the deployed model. Every step is the very `frcnn` /
+synthetic dataset (192 px, 3 shape classes) -> train the small R-18 FPN (``frcnn-demo-R18.yaml``; with
+``--mask`` the Mask R-CNN variant ``frcnn-demo-mask-R18.yaml``) -> COCO eval (PyTorch; box and, with masks,
+segm AP) -> export ONNX (and a TensorRT engine where TensorRT is present) -> infer with the torch-free
+runtime -> parity PyTorch vs ONNX Runtime (masks too) -> COCO eval of the deployed model. Every step is the very `frcnn` /
 `export-engine` command a user would type; each is printed before it runs, and the demo stops at the first
 failing step with that step's exit code.
 """
@@ -18,27 +19,30 @@ from pathlib import Path
 
 from frcnn.runtime.errors import UserError
 
-__all__ = ["DEMO_CONFIG", "DEMO_IMAGES", "DEMO_ITERS", "DEMO_SYNTH", "add_parser", "demo_steps", "run_demo"]
+__all__ = ["DEMO_CONFIG", "DEMO_IMAGES", "DEMO_ITERS", "DEMO_MASK_CONFIG", "DEMO_SYNTH", "add_parser", "demo_steps",
+           "run_demo"]
 
 # The demo's settings (measured: docs/training.md, "The demo's settings"): an easier synthetic set than
 # `frcnn data synth`'s default (192 px images, no shape under 16 px, at most 6 shapes and 6 distractor
 # lines per image) and the packaged demo config (anchors 16..256 px, FPN 64 channels).
 DEMO_CONFIG = "frcnn-demo-R18.yaml"
+DEMO_MASK_CONFIG = "frcnn-demo-mask-R18.yaml"
+"""``frcnn demo --mask``: DEMO_CONFIG plus a 64-channel mask head (same data and schedule)."""
 DEMO_ITERS = 700
 DEMO_IMAGES = 300
 DEMO_SYNTH = ["--size", "192", "--classes", "3", "--min-side", "16", "--max-shapes", "6", "--clutter", "6",
               "--seed", "0"]  # fmt: skip
 
 
-def demo_steps(out: Path, iters: int, images: int) -> list[tuple[str, str, list[str]]]:
+def demo_steps(out: Path, iters: int, images: int, mask: bool = False) -> list[tuple[str, str, list[str]]]:
     """(title, program, argv) of every step; program is "frcnn" or "export-engine"."""
     data, train, onnx = out / "data", out / "train", out / "model.onnx"
     weights = train / "model_final.pth"
     return [
         ("synthesize a dataset", "frcnn",
          ["data", "synth", str(data), "--images", str(images), *DEMO_SYNTH, "--overwrite"]),
-        ("train the small R-18 FPN", "frcnn",
-         ["train", "--config", DEMO_CONFIG, "--data", str(data), "--output", str(train),
+        ("train the small R-18 FPN" + (" Mask R-CNN" if mask else ""), "frcnn",
+         ["train", "--config", DEMO_MASK_CONFIG if mask else DEMO_CONFIG, "--data", str(data), "--output", str(train),
           "SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", f"({int(iters * 0.8)},)",
           "SOLVER.WARMUP_ITERS", str(min(100, iters // 4)), "SOLVER.CHECKPOINT_PERIOD", str(iters)]),
         ("evaluate the PyTorch model", "frcnn",
@@ -91,7 +95,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.iters < 1 or args.images < 2:
         raise UserError(f"--iters must be >= 1 and --images >= 2, got --iters {args.iters} --images {args.images}")
     out = _prepare_output(args.output)
-    steps = demo_steps(out, args.iters, args.images)
+    steps = demo_steps(out, args.iters, args.images, mask=args.mask)
     timings = []
     for i, (title, program, argv) in enumerate(steps, 1):
         print(f"\n=== [{i}/{len(steps)}] {title}\n$ {program} {shlex.join(argv)}", flush=True)
@@ -117,5 +121,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help=f"training iterations (default {DEMO_ITERS})")
     parser.add_argument("--images", type=int, default=DEMO_IMAGES,
                         help=f"synthetic images, train + val (default {DEMO_IMAGES})")
+    parser.add_argument("--mask", action="store_true",
+                        help=f"Mask R-CNN: train {DEMO_MASK_CONFIG} (masks in eval, parity and the pictures)")
     parser.set_defaults(func=run_demo)
     return parser
