@@ -40,3 +40,22 @@ def test_gpu_check_without_gpu_skips_each_step_with_its_reason(tmp_path: Path) -
         assert step["reason"].startswith(want), step
         assert f"[{part}] {name}" in log and step["reason"] in log
     assert report["summary"] == {"pass": 1, "fail": 0, "error": 0, "skipped": sum(map(len, STEPS.values())) - 1}
+
+
+def test_ptx_launch_check_builds_what_tensorrt_gets_and_skips_without_a_gpu(tmp_path: Path) -> None:
+    """bench/ptx_launch_check.py: `build` writes the plugin's PTX (the same compile_ptx the TensorRT AOT plugin
+    calls) with the launch facts a launcher needs; `run` without a GPU or CuPy checks nothing and says why."""
+    script = str(REPO / "bench" / "ptx_launch_check.py")
+    built = subprocess.run([sys.executable, script, "build", str(tmp_path), "--arch", "90", "--only",
+                            "batched_nms_head"], capture_output=True, text=True, timeout=600, check=False)
+    assert built.returncode == 0, built.stderr[-2000:]
+    (entry,) = json.loads((tmp_path / "manifest.json").read_text())
+    ptx = (tmp_path / "batched_nms_head.ptx").read_text()
+    assert entry["spec"] == "batched_nms_head" and f".entry {entry['entry']}(" in ptx
+    assert ".target sm_90\n" in ptx
+    # inputs, the int32 extra and outputs of the signature, then Triton's two hidden scratch pointers (null)
+    assert entry["num_params"] == len(entry["signature"]) + 2
+    if shutil.which("nvidia-smi") is None:
+        ran = subprocess.run([sys.executable, script, "run", str(tmp_path)], capture_output=True, text=True,
+                             timeout=300, check=False)
+        assert ran.returncode == 0 and "ptx_launch_check: skipped:" in ran.stdout, ran.stdout + ran.stderr
