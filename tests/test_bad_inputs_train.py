@@ -308,9 +308,16 @@ def _tmp_files(root: Path) -> list[str]:
     return sorted(str(p) for p in root.rglob("*") if p.name.endswith(".tmp") or p.name.endswith(".lock"))
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _popen(argv: list[str]) -> subprocess.Popen:
-    # a session of its own, so that os.killpg reaches the process group like a terminal's Ctrl-C
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # a session of its own, so that os.killpg reaches the process group like a terminal's Ctrl-C; SIGINT at its
+    # default as in a terminal (a test run started in the background by a non-interactive shell ignores it, and
+    # children would inherit that)
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=_default_sigint)  # noqa: PLW1509 - a signal reset, no locks involved
 
 
 @pytest.mark.slow

@@ -127,6 +127,7 @@ def test_real_sigint_mid_run_subprocess(model: str, tmp_path: Path) -> None:
     images = image_folder(tmp_path, 3)
     before = snapshot(tmp_path)
     code = ("import os, signal, sys\nfrom frcnn.runtime import infer_cli\nfrom frcnn.runtime.cli import main\n"
+            "signal.signal(signal.SIGINT, signal.default_int_handler)\n"  # as in a terminal, even if inherited ignored
             "orig, calls = infer_cli._atomic_save, []\n"
             "def save(image, path):\n    calls.append(path)\n    orig(image, path)\n"
             "    if len(calls) == 2:\n        os.kill(os.getpid(), signal.SIGINT)\n"

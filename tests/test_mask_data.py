@@ -186,3 +186,20 @@ def test_segm_ap_equals_pycocotools_on_the_same_results(tmp_path: Path) -> None:
         ev.summarize()
     assert metrics["segm/AP"] == pytest.approx(ev.stats[0]) and metrics["segm/AP50"] == pytest.approx(1.0)
     assert metrics["segm/AP"] < 0.95 and metrics["segm/AP75"] == pytest.approx(ev.stats[2])
+
+
+def test_mask_model_without_detections_reports_segm_ap_zero(tmp_path: Path) -> None:
+    """Which metrics exist depends on the model, not on whether it found anything: a Mask R-CNN output with no
+    detection still gets segm AP (0), a box model's never does (detectron2 picks its tasks from the model)."""
+    from frcnn.trainer.evaluation import COCOEvaluator
+
+    _, meta = _segm_dataset(tmp_path)
+    empty = {"boxes": np.zeros((0, 4), np.float32), "scores": np.zeros(0, np.float32),
+             "classes": np.zeros(0, np.int64)}  # fmt: skip
+    for masks, has_segm in ((np.zeros((0, 30, 40), bool), True), (None, False)):
+        evaluator = COCOEvaluator(meta)
+        evaluator.process([{"image_id": 1}], [{**empty, "masks": masks}])
+        metrics = evaluator.evaluate()
+        assert metrics["AP"] == 0.0 and ("segm/AP" in metrics) == has_segm
+        if has_segm:
+            assert metrics["segm/AP"] == 0.0 and metrics["segm/AP50"] == 0.0

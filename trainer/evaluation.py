@@ -185,11 +185,14 @@ class COCOEvaluator:
     def reset(self) -> None:
         self.results: list[dict[str, Any]] = []
         self.img_ids: list[int] = []
+        self.with_masks = False
 
     def process(self, inputs: Sequence[Mapping[str, Any]], outputs: Sequence[Mapping[str, Any]]) -> None:
-        """``inputs[i]["image_id"]`` and ``outputs[i]`` (boxes XYXY original pixels, scores, classes)."""
+        """``inputs[i]["image_id"]`` and ``outputs[i]`` (boxes XYXY original pixels, scores, classes; a Mask R-CNN
+        model's also ``masks``, bool [N, H, W], present even when N = 0)."""
         for inp, out in zip(inputs, outputs, strict=True):
             self.img_ids.append(int(inp["image_id"]))
+            self.with_masks |= out.get("masks") is not None
             self.results.extend(predictions_to_coco_results(inp["image_id"], out, self.meta))
 
     def evaluate(self) -> dict[str, float]:
@@ -201,7 +204,7 @@ class COCOEvaluator:
         if self._gt is None:
             self._gt = _load_gt(self.meta.json_file)
         metrics = evaluate_predictions(self.results, self.meta, self.img_ids, gt=self._gt)
-        if any("segmentation" in r for r in self.results):  # Mask R-CNN: segm metrics as "segm/<name>"
+        if self.with_masks:  # Mask R-CNN: segm metrics as "segm/<name>" (0 AP, not absent, without detections)
             segm = evaluate_predictions(self.results, self.meta, self.img_ids, gt=self._gt, iou_type="segm")
             metrics.update({f"segm/{k}": v for k, v in segm.items()})
         return metrics
