@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 import numpy as np
-from frcnn.runtime.backends import check_model_file, resolve_backend
+from frcnn.runtime.backends import LOW_MEMORY_HELP, check_model_file, low_memory_options, resolve_backend
 from frcnn.runtime.errors import UserError
 from frcnn.runtime.fileio import atomic_write_json, atomic_writer
 from frcnn.runtime.infer_output import check_output_file
@@ -182,6 +182,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
     _check_args(args)
     options = {"intra_op_threads": args.threads} if args.threads else {}
+    options.update(low_memory_options([args.model, *([args.compare] if args.compare else [])], args.backend,
+                                      args.low_memory))
     if args.compare:
         from frcnn.runtime.bench_compare import run_compare
 
@@ -219,6 +221,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--warmup", type=int, default=3, help="untimed iterations first (default 3)")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     parser.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt", "triton"))
+    parser.add_argument("--low-memory", action="store_true", help=LOW_MEMORY_HELP)
     parser.add_argument("--json", default="bench.json", help="where to write the numbers (default bench.json)")
     parser.add_argument("--plot", default=None, metavar="PNG", help="also draw a bar chart")
     parser.set_defaults(func=run_bench)

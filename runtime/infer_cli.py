@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from frcnn.runtime.backends import check_model_file, resolve_backend
+from frcnn.runtime.backends import LOW_MEMORY_HELP, check_model_file, low_memory_options, resolve_backend
 from frcnn.runtime.errors import INTERRUPTED_EXIT_CODE, UserError
 from frcnn.runtime.fileio import atomic_write_json, atomic_writer
 from frcnn.runtime.image_io import ImageError, probe_image, read_rgb
@@ -193,12 +193,13 @@ def run_infer(args: argparse.Namespace) -> int:
     from frcnn.runtime.detector import Detector
 
     _check_args(args)
+    memory = low_memory_options([args.model], args.backend, args.low_memory)
     files = collect_images(args.inputs)
     _probe_all(files)
     used: set[str] = set()
     names = [_out_name(f, used) for f in files]
     previous = plan_outputs(args.output, args.inputs, files, names)
-    detector = Detector(args.model, backend=args.backend, max_batch=args.batch, input_format="RGB")
+    detector = Detector(args.model, backend=args.backend, max_batch=args.batch, input_format="RGB", **memory)
     failed: list[str] = []
     try:
         with OutputFolder(args.output, previous) as folder:
@@ -233,5 +234,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--score-threshold", type=float, default=0.5, help="minimum score kept (default 0.5)")
     parser.add_argument("--batch", type=int, default=1, help="images per model call (default 1)")
     parser.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt", "triton"))
+    parser.add_argument("--low-memory", action="store_true", help=LOW_MEMORY_HELP)
     parser.set_defaults(func=run_infer)
     return parser

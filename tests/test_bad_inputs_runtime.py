@@ -80,6 +80,10 @@ CASES: list[tuple[str, Builder, tuple[str, ...]]] = [
      ("suffix", "--backend")),
     ("infer-tensorrt-on-onnx", lambda t, m, mp: _infer(t, m, "--backend", "tensorrt"),
      ("is an onnx model", "--backend onnxruntime")),
+    ("infer-low-memory-on-engine", lambda t, m, mp: (t / "m.engine").write_bytes(b"1") and _infer(
+        t, str(t / "m.engine"), "--low-memory"), ("--low-memory applies to ONNX Runtime", "tensorrt")),
+    ("infer-low-memory-on-url", lambda t, m, mp: _infer(t, "http://127.0.0.1:9/frcnn", "--low-memory"),
+     ("--low-memory applies to ONNX Runtime", "triton")),
     ("infer-batch-0", lambda t, m, mp: _infer(t, m, "--batch", "0"), ("--batch", ">= 1")),
     ("infer-batch-negative", lambda t, m, mp: _infer(t, m, "--batch", "-3"), ("--batch",)),
     ("infer-threshold-nan", lambda t, m, mp: _infer(t, m, "--score-threshold", "nan"), ("--score-threshold",)),
@@ -130,6 +134,11 @@ CASES: list[tuple[str, Builder, tuple[str, ...]]] = [
      ("would overwrite the input image",)),
     # --- frcnn bench
     ("bench-batch-0", lambda t, m, mp: ["bench", m, "--batch", "0", "--json", str(t / "b.json")], ("--batch",)),
+    ("serve-low-memory-on-engine", lambda t, m, mp: (t / "s.engine").write_bytes(b"1") and [
+        "serve", str(t / "s.engine"), "--low-memory"], ("--low-memory applies to ONNX Runtime", "s.engine")),
+    ("bench-low-memory-second-model-engine", lambda t, m, mp: (t / "b.engine").write_bytes(b"1") and [
+        "bench", m, str(t / "b.engine"), "--low-memory", "--json", str(t / "b.json")],
+     ("--low-memory applies to ONNX Runtime", "b.engine")),
     ("bench-threads-negative", lambda t, m, mp: ["bench", m, "--threads", "-2", "--json", str(t / "b.json")],
      ("--threads",)),
     ("bench-json-is-folder", lambda t, m, mp: ["bench", m, "--json", str(t)], ("--json", "is a folder")),

@@ -117,3 +117,21 @@ def test_parity_and_eval_on_exported_model(exported_small, tmp_path):  # noqa: F
     assert res.returncode == 0, res.stdout + res.stderr
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
     assert abs(metrics["delta_AP"]) <= 0.05 and "delta" in res.stdout
+
+
+def test_infer_low_memory_gives_the_same_results(exported_small, tmp_path, monkeypatch):  # noqa: F811
+    """`frcnn infer --low-memory`: the pre-optimised graph from the cache ($FRCNN_CACHE_DIR/ort), the same
+    results.json as the default session."""
+    onnx_path, _cfg, _ = exported_small
+    monkeypatch.setenv("FRCNN_CACHE_DIR", str(tmp_path / "cache"))
+    images = tmp_path / "images"
+    images.mkdir()
+    for k, (h, w) in enumerate([(120, 180), (90, 60)]):
+        _write_image(images / f"{k}.png", h, w, value=60 + 90 * k)
+    results = []
+    for name, extra in (("plain", []), ("low", ["--low-memory"])):
+        assert main(["infer", str(onnx_path), str(images), "--output", str(tmp_path / name),
+                     "--score-threshold", "0.05", *extra]) == 0
+        results.append(json.loads((tmp_path / name / "results.json").read_text()))
+    assert results[0] and results[0] == results[1]
+    assert len(list((tmp_path / "cache" / "ort").glob("*.onnx"))) == 1

@@ -91,4 +91,23 @@ def create_backend(path: str | os.PathLike[str], backend: str = "auto", **kwargs
     return OnnxRuntimeBackend(path, **kwargs)
 
 
-__all__ = ["BACKENDS", "Backend", "check_model_file", "create_backend", "resolve_backend"]
+LOW_MEMORY_HELP = ("ONNX Runtime (CPU): load the model's pre-optimised graph (cached; `frcnn optimize` fills it) "
+                   "with the memory arena off: lower peak memory, the same detections (docs/int8.md)")
+"""Help of the ``--low-memory`` flag of ``frcnn infer`` / ``bench`` / ``serve``."""
+
+
+def low_memory_options(paths: list[str], backend: str = "auto", low_memory: bool = False) -> dict[str, Any]:
+    """Backend options of the ``--low-memory`` flag: ``{"low_memory": True}`` when set; UserError when one of
+    ``paths`` does not run on ONNX Runtime (a TensorRT engine or a server URL has no such option)."""
+    if not low_memory:
+        return {}
+    for path in paths:
+        kind = resolve_backend(path, backend)
+        if kind != "onnxruntime":
+            raise UserError(f"--low-memory applies to ONNX Runtime (a .onnx model); {os.fspath(path)!r} runs on "
+                            f"{kind}: drop --low-memory")
+    return {"low_memory": True}
+
+
+__all__ = ["BACKENDS", "LOW_MEMORY_HELP", "Backend", "check_model_file", "create_backend", "low_memory_options",
+           "resolve_backend"]

@@ -16,6 +16,7 @@ import signal
 import sys
 from typing import Any
 
+from frcnn.runtime.backends import LOW_MEMORY_HELP, low_memory_options
 from frcnn.runtime.errors import UserError
 
 
@@ -54,8 +55,9 @@ def run_serve(args: argparse.Namespace) -> int:
     ports = [args.http_port, args.grpc_port, args.metrics_port]
     if len(set(ports)) != 3:
         raise UserError(f"--http-port, --grpc-port and --metrics-port must differ, got {ports}")
+    memory = low_memory_options([args.model], "auto", args.low_memory)
     import_pytriton()  # fail on a missing extra before loading the model
-    detector = Detector(args.model, input_format="RGB")
+    detector = Detector(args.model, input_format="RGB", **memory)
     if args.max_batch is not None and args.max_batch > detector.max_batch:
         raise UserError(f"--max-batch {args.max_batch} exceeds the model's max batch {detector.max_batch}")
     options = ServeOptions(host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
@@ -88,6 +90,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--metrics-port", type=_port, default=8002, help="Prometheus metrics port (default 8002)")
     parser.add_argument("--max-batch", type=_positive, default=None,
                         help="largest dynamic batch (default: the model's max batch)")
+    parser.add_argument("--low-memory", action="store_true", help=LOW_MEMORY_HELP)
     parser.add_argument("--instances", type=_positive, default=1, help="model instances (default 1)")
     parser.add_argument("--max-queue-delay-us", type=_non_negative, default=2000,
                         help="how long the batcher waits to fill a batch, microseconds (default 2000)")
