@@ -25,8 +25,10 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-TOLERANCE = {"*fp32": 1e-5, "*fp16": 1e-2}
-"""ROIAlignV2 max |PTX - float64 reference| by feature dtype (as bench/gpu_check.py's JIT check)."""
+from gpu_check import ROI_FP16_TOL, ROI_FP32_TOL  # found through the path entry above
+
+TOLERANCE = {"*fp32": ROI_FP32_TOL, "*fp16": ROI_FP16_TOL}
+"""ROIAlignV2 max |PTX - float64 reference| by feature dtype: the tolerances of bench/gpu_check.py's JIT check."""
 
 
 def build(out: Path, arch: int, only: list[str] | None) -> list[dict[str, Any]]:

@@ -247,7 +247,6 @@ class DetectionCompareFunc:
     def __init__(self, min_iou: float = PARITY_MIN_IOU, score_atol: float = PARITY_SCORE_ATOL,
                  proposal_atol: float = PROPOSAL_ATOL, proposal_rtol: float = PROPOSAL_RTOL,
                  mask_atol: float = PARITY_MASK_ATOL, mask_min_iou: float = PARITY_MASK_MIN_IOU) -> None:
-        self.min_iou, self.score_atol = min_iou, score_atol
         self.options = {"min_iou": min_iou, "score_atol": score_atol, "proposal_atol": proposal_atol,
                         "proposal_rtol": proposal_rtol, "mask_atol": mask_atol, "mask_min_iou": mask_min_iou}
         self.reports: list[MatchReport] = []

@@ -28,6 +28,7 @@ import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -120,15 +121,13 @@ is 128 / 128, where the only candidate threshold is the full range, i.e. exactly
 scales). Percentile: ORT's defaults, stated."""
 
 
-def _histogram_ranges(src: str, images: CalibrationImages, method: str, tmp: str) -> str:
+def _histogram_ranges(src: str, images: CalibrationImages, method: str, kind: Any, tmp: str) -> str:
     """Calibrate ``src`` with ORT's histogram calibrator of ``method``, one image per ``collect_data`` call
     (ORT stacks the calls' tensors with ``np.asarray``, which fails on images of different sizes; histograms
     merge across calls); returns the path of its range cache (``save_tensors_data``) for
-    ``quantize_static(calibration_cache_path=...)``."""
-    from onnxruntime.quantization import CalibrationMethod
+    ``quantize_static(calibration_cache_path=...)``; ``kind`` is the method's ``CalibrationMethod``."""
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
-    kind = {"entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[method]
     calibrator = create_calibrator(src, list(QUANTIZED_OP_TYPES),
                                    augmented_model_path=os.path.join(tmp, "augmented.onnx"), calibrate_method=kind,
                                    extra_options=HISTOGRAM_OPTIONS[method])  # fmt: skip
@@ -153,7 +152,7 @@ def _ort_quantize(model: onnx.ModelProto, images: CalibrationImages, method: str
         src, dst = os.path.join(tmp, "fp32.onnx"), os.path.join(tmp, "int8.onnx")
         onnx.save(model, src)
         with _quiet_quantizer():
-            cache = _histogram_ranges(src, images, method, tmp) if method in HISTOGRAM_OPTIONS else None
+            cache = _histogram_ranges(src, images, method, calib, tmp) if method in HISTOGRAM_OPTIONS else None
             reader = None if cache else _Reader(images)
             kwargs = {"calibration_cache_path": cache} if cache else {}
             quantize_static(src, dst, reader, quant_format=QuantFormat.QDQ, per_channel=True,
